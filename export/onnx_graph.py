@@ -80,9 +80,9 @@ class BatchNormParams:
 def ir_version_for(model: onnx.ModelProto) -> int:
     """The smallest IR version that carries the model's opsets.
 
-    onnx 1.23 stamps IR 14 on new models, which onnxruntime 1.31 refuses ("max supported IR
-    version: 13"); the minimum for the opsets (8 for opset 15-18) is accepted by every runtime that
-    implements those opsets.
+    onnx >= 1.23 stamps IR 14 on new models, which onnxruntime < 1.32 refuses ("max supported IR
+    version: 13"; 1.32 loads it); the minimum for the opsets (8 for opset 15-18) is accepted by every
+    runtime that implements those opsets.
     """
     return helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
 
