@@ -31,6 +31,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from export.machine import describe_machine, machine_info  # noqa: E402
+
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 # id: dtype, optimizer, lr, momentum, torch BN, follow Keras' ReLU/pool decisions
@@ -182,10 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     n = args.steps * args.batch
     images, labels = to_nhwc_float(data.x_train[:n]), data.y_train[:n]
     print(f"keras {keras.__version__} (TF {tf.__version__}), torch {torch.__version__}, numpy {np.__version__}")
+    print(f"machine: {describe_machine()}")
     print(f"threads: {threads}")
     print(f"data: {data.source}; training on the first {n} training images, batch {args.batch}")
     log = args.log.open("w") if args.log else None
-    summary: dict = {"steps": args.steps, "batch": args.batch, "threads": threads, "runs": {}}
+    summary: dict = {
+        "machine": machine_info(),
+        "steps": args.steps,
+        "batch": args.batch,
+        "threads": threads,
+        "runs": {},
+    }
     trained = None
     try:
         for run_id in args.runs.split(","):

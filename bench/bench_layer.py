@@ -34,6 +34,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from export.machine import describe_machine, machine_info  # noqa: E402
+
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -156,6 +158,7 @@ def main() -> int:
             "max_rel_diff_vs_keras": agreement[name],
         }
 
+    print(f"machine: {describe_machine()} (figures hold for this CPU only)")
     print(f"batch {n}x{h}x{w}x{c} float32, fwd+bwd+moving-stat update, {args.repeats} rounds ({args.warmup} warm-up)")
     print(
         f"threads: TF intra_op={tf.config.threading.get_intra_op_parallelism_threads()} "
@@ -180,7 +183,8 @@ def main() -> int:
     accuracy = _accuracy(keras, keras_bn, np, torch) if args.accuracy else None
     if args.json:
         with open(args.json, "w") as fh:
-            payload = {"shape": [n, h, w, c], "threads": args.threads, "repeats": args.repeats, "results": results}
+            payload = {"machine": machine_info(), "shape": [n, h, w, c], "threads": args.threads}
+            payload |= {"repeats": args.repeats, "results": results}
             json.dump({**payload, "accuracy": accuracy}, fh, indent=2)
     return 0
 

@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from export.data import load_dataset, to_nhwc_float  # noqa: E402
+from export.machine import describe_machine, machine_info  # noqa: E402
 from keras_bn import compile_lenet, lenet_bn  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     opt = f"SGD(lr={args.lr}, momentum={args.momentum})" if args.optimizer == "sgd" else f"Adam(lr={args.lr})"
     opt += ", cosine decay to 0 over the run" if args.schedule == "cosine" else ", constant lr"
+    print(f"machine: {describe_machine()} (figures hold for this CPU only)")
     print(f"data: {dataset.name} from {dataset.source}: {len(data[0])} train / {len(data[2])} test images")
     print(
         f"settings: {args.epochs} epochs, batch {args.batch_size}, {opt}, seed {args.seed}, "
@@ -250,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json_out:
         payload = {
+            "machine": machine_info(),
             "data": {"name": dataset.name, "source": dataset.source, "train": len(data[0]), "test": len(data[2])},
             "settings": {k: v for k, v in vars(args).items() if k != "json_out"},
             "threads": {"intra_op": args.threads, "inter_op": 1, "cpu_count": os.cpu_count()},

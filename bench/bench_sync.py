@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -38,6 +37,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from export.machine import describe_machine, machine_info  # noqa: E402
 
 # (layer, synchronized, fused): ours-local uses TF's fused kernel where it applies; the synchronized
 # layer cannot (the statistics come from the all-reduce), so ours-local-generic (fused=False) is
@@ -234,12 +235,12 @@ def main(argv: list[str]) -> int:
     strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(args.devices)])
     shape = tuple(int(s) for s in args.layer_shape.split(","))
     print(
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; TF {tf.__version__}; "
+        f"machine: {describe_machine()}; TF {tf.__version__}; "
         f"MirroredStrategy over {args.devices} logical CPUs; threads: TF intra-op "
         f"{tf.config.threading.get_intra_op_parallelism_threads()}, inter-op "
         f"{tf.config.threading.get_inter_op_parallelism_threads()} (set by --intra-threads/--inter-threads)"
     )
-    results: dict = {"config": vars(args), "layer": {}, "lenet": {}}
+    results: dict = {"machine": machine_info(), "config": vars(args), "layer": {}, "lenet": {}}
     for bench, build, steps in (
         ("layer", lambda k, s, f: layer_variant(strategy, k, s, f, shape), args.steps),
         ("lenet", lambda k, s, f: lenet_variant(strategy, k, s, f, args.lenet_batch, args.lenet_steps), 1),
