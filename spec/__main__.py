@@ -49,9 +49,16 @@ def worked_example() -> str:
 EXIT_USAGE = 2  # argparse's own status for bad arguments; file problems share it
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (no usage block), exit status 2 as argparse's."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m spec", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="python -m spec", description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write-vectors", metavar="DIR", help="write the golden vectors and manifest into DIR")
     group.add_argument(

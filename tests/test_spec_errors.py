@@ -388,6 +388,16 @@ def test_python_m_spec_bad_dir_exits_2_with_one_line(tmp_path, capsys, case):
     assert argv[1] in err and CLI_ERRORS[case] in err
 
 
+def test_python_m_spec_bad_argument_exits_2_with_one_line(capsys):
+    from spec.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--check-vectors", "a", "--write-vectors", "b"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("python -m spec: error: argument --write-vectors: not allowed with argument --check-vectors")
+
+
 def test_python_m_spec_error_has_no_traceback_in_a_real_process(tmp_path):
     import subprocess
     import sys
