@@ -4,7 +4,11 @@ Three sources, in the order a user meets them:
 
 - ``load_dataset("mnist" | "fashion", data_dir)``: the four IDX files (raw or gzip) or Keras' ``.npz`` in a
   directory the user names. Every header, count and payload size is checked; a truncated or foreign file is a
-  ``ValueError`` naming the file, never a silently wrong array.
+  :class:`DataError` (a ``ValueError``) naming the file, never a silently wrong array. Work is bounded by what the
+  headers promise: a ``.gz`` is decompressed in a stream and never past its header's payload plus one byte, and of an
+  ``.npz`` only the four arrays the loader needs are opened. Files are compared (md5) with the canonical
+  distribution: ``Dataset.canonical`` says whether they are it, and the other dataset's files under this one's names
+  (Fashion-MNIST given as MNIST) are refused by name.
 - ``load_dataset(..., download=True)``: the Keras-style path for machines with network: the four files are fetched
   into a cache directory, verified against the known md5 of the canonical distribution, and written atomically.
 - ``load_dataset("digits")`` (and ``mnist``/``fashion`` without ``data_dir``): the embedded default, scikit-learn's
@@ -19,20 +23,23 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 __all__ = [
     "DATASETS",
     "IDX_FILES",
+    "DataError",
     "Dataset",
     "default_cache_dir",
     "download_dataset",
@@ -47,6 +54,21 @@ IMAGE_MAGIC = 0x00000803  # uint8 data, 3 dimensions
 LABEL_MAGIC = 0x00000801  # uint8 data, 1 dimension
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
+
+# Deflate cannot expand data by more than 1032:1 (zlib's documented maximum compression factor, zlib.net/zlib_tech):
+# a compressed file or .npz member that claims more is lying, and is refused before anything is decompressed. The
+# slack covers gzip/zip headers and tiny files.
+MAX_DEFLATE_RATIO = 1032
+DEFLATE_SLACK = 1 << 16
+CHUNK = 1 << 20  # bytes per streamed read
+
+
+class DataError(ValueError):
+    """Data that cannot be used (a file, a directory, a dataset name); the message names the file and the problem.
+
+    A ``ValueError`` subclass, so ``keras-bn run`` reports it as bad input (exit status 2).
+    """
+
 
 # Logical role -> canonical file stem; the files may be stored raw or with ".gz".
 IDX_FILES: dict[str, str] = {
@@ -64,6 +86,10 @@ class _Remote:
     base_url: str
     md5: dict[str, str]
     npz_names: tuple[str, ...]
+    #: md5 of the same four files decompressed (computed from the canonical .gz files), so raw copies are recognised.
+    raw_md5: dict[str, str] = field(default_factory=dict)
+    #: sha256 of Keras' single-file distribution, where one exists (keras/src/datasets/mnist.py ``file_hash``).
+    npz_sha256: str | None = None
 
 
 DATASETS: dict[str, _Remote] = {
@@ -77,6 +103,13 @@ DATASETS: dict[str, _Remote] = {
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
         },
         npz_names=("mnist.npz",),
+        raw_md5={
+            "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+            "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+            "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+            "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+        },
+        npz_sha256="731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1",
     ),
     # The mirror keras.datasets.fashion_mnist downloads from.
     "fashion": _Remote(
@@ -88,9 +121,16 @@ DATASETS: dict[str, _Remote] = {
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         },
         npz_names=("fashion-mnist.npz", "fashion_mnist.npz", "fashion.npz"),
+        raw_md5={
+            "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+            "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+            "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+        },
     ),
 }
 DATASET_NAMES = ("digits", "mnist", "fashion")
+DISPLAY_NAMES = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}
 
 # The embedded default: first 1,437 images train, last 360 test. No shuffling, so the split is the same on every
 # machine and NumPy version; sklearn's own digits example also splits without shuffling. Classes are balanced in both
@@ -105,7 +145,9 @@ class Dataset:
 
     ``name`` is what the arrays are ("digits", "mnist", "fashion"); ``source`` says where they came from in words
     (a directory, a download cache, or the embedded default, and why it was used); ``embedded`` is True for the
-    offline default.
+    offline default. ``canonical`` is True when every file read is byte-identical (md5; sha256 for Keras'
+    ``mnist.npz``) to the canonical distribution, False when some file is not, None where there is nothing to compare
+    (the embedded default, an ``.npz`` without a published checksum). ``file_md5`` maps each file read to its md5.
     """
 
     name: str
@@ -115,6 +157,8 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     embedded: bool = False
+    canonical: bool | None = None
+    file_md5: dict[str, str] = field(default_factory=dict)
 
     def limit(self, n: int | None) -> Dataset:
         """The first ``n`` training and first ``n`` test examples (``None`` or a larger ``n``: unchanged)."""
@@ -130,21 +174,62 @@ class Dataset:
             x_test=self.x_test[:n],
             y_test=self.y_test[:n],
             embedded=self.embedded,
+            canonical=self.canonical,
+            file_md5=dict(self.file_md5),
         )
 
 
 # --------------------------------------------------------------------------------------------------------- IDX files
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped if it starts with the gzip magic (the extension is not trusted)."""
-    raw = path.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as exc:  # truncated stream, bad CRC, bad deflate data
-        raise ValueError(f"{path}: corrupt gzip stream ({exc})") from exc
+def _check_is_file(path: Path, what: str) -> None:
+    """``what`` in words ("an IDX file"): a directory in its place is named as such."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected {what}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+
+
+def _read_up_to(stream: BinaryIO, n: int) -> bytearray:
+    """Up to ``n`` bytes (fewer only at end of stream), read in chunks so memory follows the data actually there."""
+    data = bytearray()
+    while len(data) < n:
+        part = stream.read(min(n - len(data), CHUNK))
+        if not part:
+            break
+        data += part
+    return data
+
+
+def _max_expansion(stored_bytes: int) -> int:
+    """The most bytes ``stored_bytes`` of deflate data can decompress to (see MAX_DEFLATE_RATIO)."""
+    return MAX_DEFLATE_RATIO * stored_bytes + DEFLATE_SLACK
+
+
+def _idx_header(path: Path, stream: BinaryIO, expected_magic: int | None) -> tuple[tuple[int, ...], int]:
+    """Parse and check an IDX header; return its dims and header length."""
+    head = _read_up_to(stream, 4)
+    if len(head) < 4:
+        raise DataError(f"{path}: {len(head)} bytes is too short for an IDX header")
+    magic = int.from_bytes(head, "big")
+    if magic not in (IMAGE_MAGIC, LABEL_MAGIC):
+        raise DataError(
+            f"{path}: bad magic number 0x{magic:08x}; expected 0x{IMAGE_MAGIC:08x} (images) "
+            f"or 0x{LABEL_MAGIC:08x} (labels); not an IDX uint8 file"
+        )
+    if expected_magic is not None and magic != expected_magic:
+        kind = {IMAGE_MAGIC: "images", LABEL_MAGIC: "labels"}
+        raise DataError(f"{path}: holds {kind[magic]} (magic 0x{magic:08x}) where {kind[expected_magic]} were expected")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    sizes = _read_up_to(stream, 4 * ndim)
+    if len(sizes) < 4 * ndim:
+        raise DataError(f"{path}: truncated header ({4 + len(sizes)} bytes, need {header} for {ndim} dimensions)")
+    # Python integers throughout: (2**32 - 1)**3 overflows int64, and the messages must show the true numbers.
+    dims = tuple(int.from_bytes(sizes[4 * i : 4 * i + 4], "big") for i in range(ndim))
+    if any(d == 0 for d in dims):
+        raise DataError(f"{path}: header declares an empty dimension {dims}")
+    return dims, header
 
 
 def read_idx(path: str | os.PathLike[str], *, expected_magic: int | None = None) -> np.ndarray:
@@ -152,53 +237,57 @@ def read_idx(path: str | os.PathLike[str], *, expected_magic: int | None = None)
 
     Checks: magic ``0x0000 08 <ndim>`` with ndim 1 (labels, ``0x801``) or 3 (images, ``0x803``), equal to
     ``expected_magic`` if given; every dimension positive; payload exactly ``prod(dims)`` bytes. Any mismatch is a
-    ``ValueError`` naming the file and the problem.
+    :class:`DataError` naming the file and the problem. Bounded work: gzip is detected by content (the extension
+    is not trusted) and streamed; at most the declared payload plus one byte is decompressed, and a payload larger
+    than the file could hold (raw: its size; gzip: deflate's 1032:1 limit) is refused before reading it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise ValueError(f"{path}: {len(data)} bytes is too short for an IDX header")
-    magic = int.from_bytes(data[:4], "big")
-    if magic not in (IMAGE_MAGIC, LABEL_MAGIC):
-        raise ValueError(
-            f"{path}: bad magic number 0x{magic:08x}; expected 0x{IMAGE_MAGIC:08x} (images) "
-            f"or 0x{LABEL_MAGIC:08x} (labels); not an IDX uint8 file"
+    _check_is_file(path, "an IDX file")
+    try:
+        stored = path.stat().st_size
+        with path.open("rb") as probe:
+            compressed = probe.read(2) == b"\x1f\x8b"
+        with gzip.open(path, "rb") if compressed else path.open("rb") as stream:
+            dims, header = _idx_header(path, stream, expected_magic)
+            expected = math.prod(dims)
+            capacity = _max_expansion(stored) if compressed else stored - header
+            if expected > capacity:
+                holds = (
+                    f"a {stored}-byte gzip file can hold at most {capacity}" if compressed else f"file has {capacity}"
+                )
+                raise DataError(f"{path}: truncated: header declares {dims} = {expected} bytes of data, {holds}")
+            payload = _read_up_to(stream, expected + 1)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # truncated stream, bad CRC, bad deflate data
+        raise DataError(f"{path}: corrupt gzip stream ({exc})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if len(payload) < expected:
+        raise DataError(
+            f"{path}: truncated: header declares {dims} = {expected} bytes of data, file has {len(payload)}"
         )
-    if expected_magic is not None and magic != expected_magic:
-        kind = {IMAGE_MAGIC: "images", LABEL_MAGIC: "labels"}
-        raise ValueError(
-            f"{path}: holds {kind[magic]} (magic 0x{magic:08x}) where {kind[expected_magic]} were expected"
+    if len(payload) > expected:
+        if not compressed:  # the exact excess is known from the size
+            raise DataError(
+                f"{path}: {stored - header - expected} unexpected trailing bytes after {dims} = {expected} "
+                "bytes of data"
+            )
+        raise DataError(
+            f"{path}: unexpected trailing bytes after {dims} = {expected} bytes of data: the gzip stream decompresses "
+            "past what its header declares (reading stopped one byte after it)"
         )
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{path}: truncated header ({len(data)} bytes, need {header} for {ndim} dimensions)")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    if any(d == 0 for d in dims):
-        raise ValueError(f"{path}: header declares an empty dimension {dims}")
-    expected = int(np.prod(dims, dtype=np.int64))
-    payload = len(data) - header
-    if payload < expected:
-        raise ValueError(f"{path}: truncated: header declares {dims} = {expected} bytes of data, file has {payload}")
-    if payload > expected:
-        raise ValueError(
-            f"{path}: {payload - expected} unexpected trailing bytes after {dims} = {expected} bytes of data"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
+    return np.frombuffer(payload, dtype=np.uint8).reshape(dims)  # a writable view of the bytearray, no copy
 
 
 def _check_split(images: np.ndarray, labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Validate one split (shape 28x28, equal counts, labels 0..9) and return (uint8 images, int64 labels)."""
     if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"{what}: images have shape {images.shape}, expected (N, {IMAGE_SIZE}, {IMAGE_SIZE})")
+        raise DataError(f"{what}: images have shape {images.shape}, expected (N, {IMAGE_SIZE}, {IMAGE_SIZE})")
     if labels.ndim != 1:
-        raise ValueError(f"{what}: labels have shape {labels.shape}, expected (N,)")
+        raise DataError(f"{what}: labels have shape {labels.shape}, expected (N,)")
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{what}: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise DataError(f"{what}: {images.shape[0]} images but {labels.shape[0]} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise ValueError(f"{what}: labels outside 0..{NUM_CLASSES - 1} (min {labels.min()}, max {labels.max()})")
+        raise DataError(f"{what}: labels outside 0..{NUM_CLASSES - 1} (min {labels.min()}, max {labels.max()})")
     return images.astype(np.uint8, copy=False), labels.astype(np.int64)
 
 
@@ -207,6 +296,8 @@ def _find_idx(directory: Path) -> dict[str, Path] | None:
     found: dict[str, Path] = {}
     for role, stem in IDX_FILES.items():
         for candidate in (directory / f"{stem}.gz", directory / stem):
+            if candidate.is_dir():
+                raise DataError(f"{candidate}: is a directory, expected an IDX file")
             if candidate.is_file():
                 found[role] = candidate
                 break
@@ -214,59 +305,172 @@ def _find_idx(directory: Path) -> dict[str, Path] | None:
         return None
     missing = [IDX_FILES[r] for r in IDX_FILES if r not in found]
     if missing:
-        raise ValueError(f"{directory}: incomplete IDX set, missing {', '.join(missing)} (raw or .gz)")
+        raise DataError(f"{directory}: incomplete IDX set, missing {', '.join(missing)} (raw or .gz)")
     return found
+
+
+def _digests(path: Path) -> tuple[str, str]:
+    """(md5, sha256) of a file, streamed."""
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(CHUNK), b""):
+                md5.update(chunk)
+                sha256.update(chunk)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return md5.hexdigest(), sha256.hexdigest()
+
+
+def _canonical_idx(paths: dict[str, Path], name: str) -> tuple[bool, dict[str, str]]:
+    """Whether the IDX files are ``name``'s canonical distribution (md5), and each file's md5.
+
+    A file that is byte-identical to another dataset's canonical file (Fashion-MNIST under MNIST's names, which the
+    format cannot tell apart) is refused, naming what it is.
+    """
+    md5s: dict[str, str] = {}
+    canonical = True
+    for role, path in paths.items():
+        md5 = md5s[str(path)] = _digests(path)[0]
+        for other, remote in DATASETS.items():
+            known = {**remote.md5, **remote.raw_md5}
+            if other != name and md5 in known.values():
+                raise DataError(
+                    f"{path}: is the canonical {DISPLAY_NAMES[other]} file (md5 {md5}), not {DISPLAY_NAMES[name]}; "
+                    f"load it as dataset {other!r} (keras-bn run --dataset {other})"
+                )
+        own = DATASETS[name]
+        stem = IDX_FILES[role]
+        canonical &= md5 in (own.md5.get(f"{stem}.gz"), own.raw_md5.get(stem))
+    return canonical, md5s
 
 
 def _load_idx_dir(directory: Path, name: str) -> Dataset:
     paths = _find_idx(directory)
     assert paths is not None
+    canonical, md5s = _canonical_idx(paths, name)
     arrays = {
         role: read_idx(p, expected_magic=IMAGE_MAGIC if role.endswith("images") else LABEL_MAGIC)
         for role, p in paths.items()
     }
     x_train, y_train = _check_split(arrays["train_images"], arrays["train_labels"], f"{directory} (train)")
     x_test, y_test = _check_split(arrays["test_images"], arrays["test_labels"], f"{directory} (t10k)")
-    return Dataset(name, f"IDX files in {directory}", x_train, y_train, x_test, y_test)
+    what = "canonical distribution, md5 verified" if canonical else "not the canonical distribution (md5 differs)"
+    return Dataset(
+        name, f"IDX files in {directory} ({what})", x_train, y_train, x_test, y_test, canonical=canonical, file_md5=md5s
+    )
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_array(archive: zipfile.ZipFile, path: Path, key: str) -> np.ndarray:
+    """One ``<key>.npy`` member, its header checked (dtype, shape, declared size vs stored size) before its data is
+    read; the read is bounded by that declared size."""
+    info = archive.getinfo(f"{key}.npy")
+    where = f"{path}: {key}"
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise DataError(f"{where}: unsupported zip compression method {info.compress_type} (NumPy writes 0 or 8)")
+    capacity = info.compress_size if info.compress_type == zipfile.ZIP_STORED else _max_expansion(info.compress_size)
+    if info.file_size > capacity:
+        raise DataError(
+            f"{where}: member claims {info.file_size} bytes from {info.compress_size} stored bytes; corrupt archive"
+        )
+    with archive.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+        except ValueError as exc:
+            raise DataError(f"{where}: not a readable .npy array ({exc})") from exc
+        header = member.tell()
+        if dtype.hasobject or dtype.kind not in "iu":
+            pixels = "raw 0..255 pixels" if key.startswith("x_") else "integer class labels"
+            raise DataError(f"{where} has dtype {dtype}, expected {pixels} (an integer dtype)")
+        count = math.prod(shape)  # Python integers: an absurd shape cannot wrap around
+        if count == 0:
+            raise DataError(f"{where} is empty (shape {shape})")
+        declared, holds = count * dtype.itemsize, info.file_size - header
+        if declared != holds:
+            raise DataError(
+                f"{where}: header claims shape {shape} of {dtype} = {declared} bytes, the member holds {holds}"
+            )
+        data = _read_up_to(member, declared)
+    if len(data) != declared:
+        raise DataError(f"{where}: truncated ({len(data)} of {declared} bytes)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
 
 
 def _load_npz(path: Path, name: str) -> Dataset:
-    """Keras' ``mnist.npz`` layout: arrays x_train, y_train, x_test, y_test."""
+    """Keras' ``mnist.npz`` layout: arrays x_train, y_train, x_test, y_test; nothing else in the archive is read."""
+    _check_is_file(path, "a .npz file")
+    md5, sha256 = _digests(path)
+    for other, remote in DATASETS.items():
+        if other != name and sha256 == remote.npz_sha256:
+            raise DataError(
+                f"{path}: is Keras' canonical {DISPLAY_NAMES[other]} .npz (sha256 {sha256}), not "
+                f"{DISPLAY_NAMES[name]}; load it as dataset {other!r} (keras-bn run --dataset {other})"
+            )
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head.startswith(b"\x93NUMPY"):
+        raise DataError(
+            f"{path}: not a readable .npz file: it is a .npy file (one array); expected an .npz archive holding "
+            f"{', '.join(NPZ_KEYS)}"
+        )
+    if not zipfile.is_zipfile(path):
+        kind = "text" if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "data"
+        raise DataError(f"{path}: not a readable .npz file: it holds {kind}, not a zip archive")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
-        raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
-    if missing:
-        raise ValueError(f"{path}: missing arrays {missing} (Keras layout has x_train, y_train, x_test, y_test)")
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            missing = [k for k in NPZ_KEYS if f"{k}.npy" not in names]
+            if missing:
+                raise DataError(f"{path}: missing arrays {missing} (Keras layout has {', '.join(NPZ_KEYS)})")
+            arrays = {key: _npz_array(archive, path, key) for key in NPZ_KEYS}
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     for key in ("x_train", "x_test"):
         a = arrays[key]
-        if a.dtype != np.uint8 and not (
-            np.issubdtype(a.dtype, np.integer) and a.size and a.min() >= 0 and a.max() <= 255
-        ):
-            raise ValueError(f"{path}: {key} has dtype {a.dtype} with values outside uint8; expected raw 0..255 pixels")
-    for key in ("y_train", "y_test"):
-        if not np.issubdtype(arrays[key].dtype, np.integer):
-            raise ValueError(f"{path}: {key} has dtype {arrays[key].dtype}, expected integer class labels")
+        if a.dtype != np.uint8 and (a.min() < 0 or a.max() > 255):
+            raise DataError(f"{path}: {key} has dtype {a.dtype} with values outside uint8; expected raw 0..255 pixels")
     x_train, y_train = _check_split(arrays["x_train"], arrays["y_train"], f"{path} (train)")
     x_test, y_test = _check_split(arrays["x_test"], arrays["y_test"], f"{path} (test)")
-    return Dataset(name, f"Keras .npz {path}", x_train, y_train, x_test, y_test)
+    canonical = None if DATASETS[name].npz_sha256 is None else sha256 == DATASETS[name].npz_sha256
+    what = {None: "no published checksum", True: "Keras' canonical file, sha256 verified", False: "not Keras' file"}
+    return Dataset(
+        name,
+        f"Keras .npz {path} ({what[canonical]})",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        canonical=canonical,
+        file_md5={str(path): md5},
+    )
 
 
 def _load_from_dir(name: str, data_dir: Path) -> Dataset:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data directory {data_dir} is a file, expected a directory holding the dataset's files")
     if not data_dir.is_dir():
-        raise ValueError(f"data directory {data_dir} does not exist or is not a directory")
+        raise DataError(f"data directory {data_dir} does not exist or is not a directory")
     # Accept the directory itself or a per-dataset subfolder (e.g. shared/data with mnist/ and fashion/ inside).
     subdirs = {"mnist": ("mnist",), "fashion": ("fashion", "fashion-mnist", "fashion_mnist")}[name]
     for directory in (data_dir, *(data_dir / s for s in subdirs)):
         if directory.is_dir() and _find_idx(directory) is not None:
             return _load_idx_dir(directory, name)
         for npz_name in DATASETS[name].npz_names:
-            if (directory / npz_name).is_file():
+            if (directory / npz_name).exists():
                 return _load_npz(directory / npz_name, name)
     looked = ", ".join(f"{s}[.gz]" for s in IDX_FILES.values())
-    raise ValueError(
+    raise DataError(
         f"no {name} data in {data_dir}: looked for {looked} or {' / '.join(DATASETS[name].npz_names)} "
         f"(also in subfolders {', '.join(subdirs)})"
     )
@@ -382,7 +586,7 @@ def _fetch(url: str, target: Path, md5: str, timeout: float) -> None:
                 raise OSError(f"could not download {url}: {exc}") from exc
         got = h.hexdigest()
         if got != md5:
-            raise ValueError(f"{url}: md5 {got} does not match the expected {md5}; the file was not kept")
+            raise DataError(f"{url}: md5 {got} does not match the expected {md5}; the file was not kept")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -398,7 +602,7 @@ def download_dataset(
     be reached; in both cases no partial file is left and a good cached file is never overwritten by a bad one.
     """
     if name not in DATASETS:
-        raise ValueError(f"cannot download {name!r}: known datasets are {sorted(DATASETS)}")
+        raise DataError(f"cannot download {name!r}: known datasets are {sorted(DATASETS)}")
     remote = DATASETS[name]
     base_url = base_url or remote.base_url
     if not base_url.endswith("/"):
@@ -432,10 +636,10 @@ def load_dataset(
       default, and ``source`` says so.
     """
     if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     if name == "digits":
         if data_dir is not None or download:
-            raise ValueError("'digits' is the embedded default; it takes no data directory and no download")
+            raise DataError("'digits' is the embedded default; it takes no data directory and no download")
         return _load_digits(name)
     if download:
         cache = download_dataset(name, data_dir, base_url)
@@ -447,6 +651,8 @@ def load_dataset(
             dataset.y_train,
             dataset.x_test,
             dataset.y_test,
+            canonical=dataset.canonical,
+            file_md5=dataset.file_md5,
         )
     if data_dir is None:
         return _load_digits(name)

@@ -2,6 +2,8 @@
 
 ``python -m spec --write-vectors DIR`` regenerates the golden vectors into DIR;
 ``python -m spec --check-vectors [DIR]`` re-checks them (default: the shipped spec/vectors/).
+Exit status: 0 success, 1 a vector differs from the spec, 2 bad input (a one-line message
+on stderr, no traceback: a missing or unwritable DIR, an unreadable manifest or vector).
 """
 
 from __future__ import annotations
@@ -44,8 +46,19 @@ def worked_example() -> str:
     return "\n".join(lines)
 
 
+EXIT_USAGE = 2  # argparse's own status for bad arguments; file problems share it
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (no usage block), exit status 2 as argparse's."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spec", description=__doc__.splitlines()[0])
+    """Entry point; returns the exit status (see the module docstring)."""
+    parser = _OneLineParser(prog="python -m spec", description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write-vectors", metavar="DIR", help="write the golden vectors and manifest into DIR")
     group.add_argument(
@@ -56,25 +69,29 @@ def main(argv: list[str] | None = None) -> int:
         help="re-check golden vectors against the spec (default: the shipped spec/vectors/)",
     )
     args = parser.parse_args(argv)
-    if args.write_vectors is not None:
-        from spec.vectors import write_vectors
-
-        paths = write_vectors(args.write_vectors)
-        print(f"wrote {len(paths)} files to {args.write_vectors}")
+    if args.write_vectors is None and args.check_vectors is None:
+        print(conventions_table())
+        print()
+        print(worked_example())
         return 0
-    if args.check_vectors is not None:
-        from spec.vectors import VECTOR_DIR, check_vectors
+    from spec.vectors import VECTOR_DIR, check_vectors, write_vectors
 
-        directory = args.check_vectors or VECTOR_DIR
+    directory = args.write_vectors if args.write_vectors is not None else args.check_vectors or VECTOR_DIR
+    try:
+        if args.write_vectors is not None:
+            paths = write_vectors(directory)
+            print(f"wrote {len(paths)} files to {directory}")
+            return 0
         problems = check_vectors(directory)
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        print(f"{directory}: {'FAILED, ' + str(len(problems)) + ' problem(s)' if problems else 'all vectors pass'}")
-        return 1 if problems else 0
-    print(conventions_table())
-    print()
-    print(worked_example())
-    return 0
+    # What a user's DIR can cause (missing, unwritable, not JSON, wrong layout); a bug elsewhere keeps its traceback.
+    except (OSError, ValueError, KeyError) as exc:
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        print(f"python -m spec: error: {directory}: {what}", file=sys.stderr)
+        return EXIT_USAGE
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{directory}: {'FAILED, ' + str(len(problems)) + ' problem(s)' if problems else 'all vectors pass'}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ caller porting a model sees *what* is wrong, not a broadcasting error three call
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
 import numpy as np
 
 # bfloat16 comes from ml_dtypes (shipped with TensorFlow/JAX) and is not a NumPy
@@ -45,13 +49,67 @@ def per_channel(value, name: str, channels: int) -> np.ndarray:
     return arr
 
 
+def real_number(value, name: str) -> float:
+    """A scalar hyperparameter: a Python or NumPy real number; bool, text and arrays are refused.
+
+    ``numbers.Real`` covers int, float, ``np.floating`` and ``np.integer``; bool is an int
+    subclass in Python, but ``eps=True`` is a bug, not 1.0.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def positive_eps(eps: float) -> float:
-    eps = float(eps)
-    if not eps > 0.0:  # also rejects NaN
-        raise ValueError(f"eps must be > 0, got {eps}")
+    """``eps`` is added to a variance before its square root (SPEC.md §1): a finite real > 0."""
+    eps = real_number(eps, "eps")
+    if not (eps > 0.0 and math.isfinite(eps)):  # the comparison also rejects NaN
+        raise ValueError(f"eps must be > 0 and finite, got {eps}")
     return eps
 
 
 def non_negative_variance(var: np.ndarray, name: str) -> None:
     if np.any(var < 0):
         raise ValueError(f"{name} must be >= 0 in every channel, got min {np.nanmin(var)}")
+
+
+def non_negative_counts(count, name: str) -> np.ndarray:
+    """Counts of values (float64, a mask makes them fractional) must be finite and >= 0."""
+    count = np.asarray(count)
+    if count.dtype.kind not in "iuf" or count.dtype == np.bool_:
+        raise ValueError(f"{name} must be a number or an array of numbers, got dtype {count.dtype}")
+    count = count.astype(np.float64)
+    if not np.all(np.isfinite(count)):
+        raise ValueError(f"{name} must be finite, got {count}")
+    if np.any(count < 0):
+        raise ValueError(f"{name} must be >= 0, got {count}")
+    return count
+
+
+def batch_counter(value, name: str = "num_batches_tracked") -> int:
+    """A number of batches: an integer >= 0 (anything with ``__index__``: int, NumPy or 0-d torch integers).
+
+    ``int(1.5)`` would silently truncate, so floats are refused rather than converted.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be an integer, got bool {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}")
+    return n
+
+
+def mask_weights(mask) -> np.ndarray:
+    """A mask's weights (bool or numbers) must be finite and >= 0: they are counts of values (SPEC.md §2)."""
+    mask = np.asarray(mask)
+    if mask.dtype.kind not in "biuf":
+        raise ValueError(f"mask must hold booleans or numbers, got dtype {mask.dtype}")
+    if mask.dtype.kind == "f":
+        if not np.all(np.isfinite(mask)):
+            raise ValueError("mask weights must be finite, got NaN or Inf")
+    if mask.dtype.kind in "if" and np.any(mask < 0):
+        raise ValueError(f"mask weights must be >= 0, got min {mask.min()}")
+    return mask

@@ -9,6 +9,10 @@ Notation, per channel c over the m values x_i that share it (all axes but ``axis
 Training mode uses the batch's mu and var (Ioffe & Szegedy 2015, Alg. 1); inference mode
 uses stored (moving) statistics in their place. All arithmetic is float64; ``y`` and
 ``dx`` come back in x's dtype, statistics and parameter gradients in float64.
+
+An empty training batch (m = 0, e.g. 0 rows) is legal (SPEC.md §9, PyTorch's behaviour): ``y``
+is empty, the batch statistics are NaN (there are none) and feed no moving-statistics update,
+and the backward pass gives an empty ``dx`` and zero ``dgamma``/``dbeta`` (sums over no values).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from spec._checks import (
     per_channel,
     positive_eps,
 )
-from spec.moments import ACCUMULATOR, channel_shape, moments, reduction_axes
+from spec.moments import ACCUMULATOR, channel_shape, moments, reduction_axes, values_per_channel
 
 
 def _affine(x: np.ndarray, axis: int, gamma, beta) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +60,8 @@ def batch_norm_train(
     eps = positive_eps(eps)
     gamma, beta = _affine(x, axis, gamma, beta)
     count, mean, var = moments(x, axis=axis, mask=mask)
+    if values_per_channel(x, axis) == 0:  # empty batch: nothing to normalize, no statistic (SPEC.md §9)
+        return x.copy(), np.full(x.shape[axis], np.nan), np.full(x.shape[axis], np.nan)
     if np.any(count <= 1):
         raise ValueError(
             f"training needs more than one value per channel to estimate a variance, got "
@@ -86,7 +92,8 @@ def batch_norm_backward(dy, x, gamma, *, axis: int = 1, eps: float = 1e-5) -> tu
         dgamma = sum_i dy_i * x_hat_i
         dx_i   = gamma / (m * sigma) * (m * dy_i - dbeta - x_hat_i * dgamma)
 
-    Returns ``(dx, dgamma, dbeta)``; ``dx`` in x's dtype.
+    Returns ``(dx, dgamma, dbeta)``; ``dx`` in x's dtype. For an empty batch ``dx`` is empty and
+    ``dgamma = dbeta = 0`` (sums over no values; PyTorch gives the same).
     """
     x = as_float_array(x, "x")
     dy = as_float_array(dy, "dy")
@@ -95,6 +102,9 @@ def batch_norm_backward(dy, x, gamma, *, axis: int = 1, eps: float = 1e-5) -> tu
     axis = channel_axis(x, axis)
     eps = positive_eps(eps)
     gamma = per_channel(gamma, "gamma", x.shape[axis]).astype(ACCUMULATOR)
+    if values_per_channel(x, axis) == 0:
+        zeros = np.zeros(x.shape[axis], ACCUMULATOR)
+        return np.zeros_like(x), zeros, zeros.copy()
     count, mean, var = moments(x, axis=axis)
     if np.any(count <= 1):
         raise ValueError(f"training needs more than one value per channel, got {int(np.min(count))}")

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from spec._checks import as_float_array, non_negative_variance
+from spec._checks import as_float_array, batch_counter, non_negative_counts, non_negative_variance, real_number
 from spec.moments import ACCUMULATOR
 
 
@@ -136,8 +136,8 @@ def _check_momentum(conv: Convention, momentum) -> float | None:
             raise ValueError(f"momentum=None (cumulative average) is only defined for 'torch', not {conv.name!r}")
         return None
     try:
-        value = float(momentum)
-    except (TypeError, ValueError):
+        value = real_number(momentum, "momentum")
+    except ValueError:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}") from None
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"momentum for convention {conv.name!r} must be in [0, 1], got {value}")
@@ -162,13 +162,11 @@ def new_value_weight(conv: Convention, momentum: float | None, num_batches_track
     """The weight ``w`` on the batch statistic in ``new = (1 - w) * old + w * batch``."""
     if momentum is None and conv.counter != "cumulative":
         raise ValueError(f"momentum=None (cumulative average) is only defined for 'torch', not {conv.name!r}")
+    # A counter that is given is checked even where unused: a float or negative count is a caller's bug.
+    n = None if num_batches_tracked is None else batch_counter(num_batches_tracked)
     # torch's counter matters only for momentum=None; with a fixed momentum its weight is constant.
-    if momentum is None or conv.counter == "scale_factor":
-        if num_batches_tracked is None:
-            raise ValueError(f"convention {conv.name!r} needs num_batches_tracked (batches seen before this one)")
-        n = int(num_batches_tracked)
-        if n < 0:
-            raise ValueError(f"num_batches_tracked must be >= 0, got {n}")
+    if (momentum is None or conv.counter == "scale_factor") and n is None:
+        raise ValueError(f"convention {conv.name!r} needs num_batches_tracked (batches seen before this one)")
     if momentum is None:  # torch cumulative: counter incremented first, then w = 1 / count
         return 1.0 / (n + 1)
     if conv.counter == "scale_factor":
@@ -201,6 +199,10 @@ def update_running_stats(
     number of values per channel. ``w`` comes from :func:`new_value_weight`. For
     ``torch`` with ``momentum=None`` and for ``caffe``, ``num_batches_tracked`` is the
     number of batches seen *before* this one. Arithmetic in float64.
+
+    ``count=0`` (an empty batch, SPEC.md §9) returns the running statistics unchanged, as
+    PyTorch does; the caller's counter follows PyTorch too (torch's ``num_batches_tracked``
+    still increments; Caffe's scale factor does not, see SPEC.md).
     """
     conv = get_convention(convention)
     momentum = _check_momentum(conv, conv.default_momentum if momentum is DEFAULT else momentum)
@@ -212,16 +214,30 @@ def update_running_stats(
     for name, arr in (("running_var", running_var), ("batch_mean", batch_mean), ("batch_var", batch_var)):
         if arr.shape != shape:
             raise ValueError(f"{name} must have shape {shape} like running_mean, got {arr.shape}")
+    non_negative_variance(running_var, "running_var")
     non_negative_variance(batch_var, "batch_var")
-    count = np.asarray(count, ACCUMULATOR)
+    count = non_negative_counts(count, "count")
+    if count.shape not in ((), shape):
+        raise ValueError(f"count must be a scalar or have shape {shape} like running_mean, got {count.shape}")
+    # count 0 is an empty batch (SPEC.md §9): that channel's statistics stay as they are.
+    empty = count == 0
     if conv.running_variance == "unbiased":
-        if np.any(count <= 1):
-            raise ValueError(f"an unbiased running variance ({conv.name!r}) needs count > 1, got {count}")
-        batch_var = batch_var * count / (count - 1.0)
-    elif np.any(count < 1):
-        raise ValueError(f"count must be >= 1, got {count}")
+        if np.any((count <= 1) & ~empty):
+            raise ValueError(
+                f"an unbiased running variance ({conv.name!r}) needs count > 1 (or 0, an empty batch), got {count}"
+            )
+        with np.errstate(invalid="ignore", divide="ignore"):
+            batch_var = batch_var * count / (count - 1.0)
+    elif np.any((count < 1) & ~empty):
+        raise ValueError(f"count must be >= 1 (or 0, an empty batch), got {count}")
     w = new_value_weight(conv, momentum, num_batches_tracked)
-    return (1.0 - w) * running_mean + w * batch_mean, (1.0 - w) * running_var + w * batch_var
+    if not np.any(empty):
+        return (1.0 - w) * running_mean + w * batch_mean, (1.0 - w) * running_var + w * batch_var
+    # An empty batch's statistics are NaN (no values): select, don't multiply by w = 0.
+    with np.errstate(invalid="ignore"):
+        new_mean = np.where(empty, running_mean, (1.0 - w) * running_mean + w * batch_mean)
+        new_var = np.where(empty, running_var, (1.0 - w) * running_var + w * batch_var)
+    return new_mean, new_var
 
 
 def convert_momentum(value: float, src: str, dst: str) -> float:
@@ -243,6 +259,6 @@ def caffe_blobs(mean, var, num_batches_tracked: int, moving_average_fraction: fl
     """Caffe's raw BatchNorm blobs ``(mean_sum, var_sum, scale_factor)`` from normalized stats."""
     conv = get_convention("caffe")
     f = _check_momentum(conv, moving_average_fraction)
-    n = int(num_batches_tracked)
+    n = batch_counter(num_batches_tracked)
     s = _caffe_scale_factor(f, n)
     return np.asarray(mean, ACCUMULATOR) * s, np.asarray(var, ACCUMULATOR) * s, s

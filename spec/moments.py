@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from spec._checks import as_float_array, channel_axis
+from spec._checks import as_float_array, channel_axis, mask_weights, non_negative_counts
 
 ACCUMULATOR = np.float64
 
@@ -28,8 +28,13 @@ def channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
     return tuple(-1 if a == axis else 1 for a in range(ndim))
 
 
+def values_per_channel(x: np.ndarray, axis: int) -> int:
+    """``m`` before any mask: the product of every axis but the channel axis (0 for an empty batch)."""
+    return int(np.prod([x.shape[a] for a in reduction_axes(x.ndim, axis)], dtype=object))
+
+
 def _broadcast_mask(mask, x: np.ndarray, axis: int) -> np.ndarray:
-    mask = np.asarray(mask)
+    mask = mask_weights(mask)
     if mask.ndim == x.ndim - 1:  # Keras passes masks without the channel axis
         mask = np.expand_dims(mask, axis)
     try:
@@ -85,12 +90,24 @@ def merge_moments(parts: Iterable[tuple]) -> tuple[np.ndarray, np.ndarray, np.nd
     if not parts:
         raise ValueError("merge_moments needs at least one (count, mean, var) part")
     total_n = total_mean = total_m2 = None
+    channels = None  # the shape of part 0's mean: every part must describe the same channels
     for index, part in enumerate(parts):
         if len(part) != 3:
             raise ValueError(f"part {index} must be (count, mean, var), got {len(part)} items")
-        n, mean, var = (np.asarray(v, ACCUMULATOR) for v in part)
-        if np.any(n < 0):
-            raise ValueError(f"part {index} has a negative count {n}")
+        n = non_negative_counts(part[0], f"part {index} count")
+        mean, var = (np.asarray(v, ACCUMULATOR) for v in part[1:])
+        if var.shape != mean.shape or n.shape not in ((), mean.shape):
+            raise ValueError(
+                f"part {index} has count, mean, var of shapes {n.shape}, {mean.shape}, {var.shape}; "
+                "mean and var must match and count must be a scalar or match them"
+            )
+        if channels is None:
+            channels = mean.shape
+        elif mean.shape != channels:
+            raise ValueError(
+                f"part {index} has mean of shape {mean.shape} but part 0 has {channels}: "
+                "every part must describe the same channels"
+            )
         if np.any(var < 0):
             raise ValueError(f"part {index} has a negative variance")
         m2 = var * n
@@ -104,6 +121,13 @@ def merge_moments(parts: Iterable[tuple]) -> tuple[np.ndarray, np.ndarray, np.nd
         total_mean = total_mean + delta * share
         total_m2 = total_m2 + np.where(n > 0, m2, 0.0) + delta * delta * total_n * share
         total_n = n_ab
-    if np.any(total_n <= 0):
-        raise ValueError("merge_moments: every part has count 0, there are no values to merge")
+    per_channel_n = np.broadcast_to(total_n, total_mean.shape)
+    if np.any(per_channel_n <= 0):
+        where = ""
+        if per_channel_n.ndim:
+            empty = np.argwhere(per_channel_n <= 0)
+            empty = [int(c[0]) if per_channel_n.ndim == 1 else tuple(int(i) for i in c) for c in empty]
+            where = f"channel {empty[0]}" if len(empty) == 1 else f"channels {empty}"
+            where = f" in {where}"
+        raise ValueError(f"merge_moments: every part has count 0{where}; there are no values to merge")
     return total_n, total_mean, total_m2 / total_n

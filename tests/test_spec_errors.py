@@ -39,9 +39,16 @@ BAD_CALLS = {
     "mean-length": (lambda: spec.batch_norm_infer(X, G, B, np.zeros(2), G), "mean must have shape (3,)"),
     "var-length": (lambda: spec.batch_norm_infer(X, G, B, B, np.ones(5)), "var must have shape (3,)"),
     "var-negative": (lambda: spec.batch_norm_infer(X, G, B, B, np.array([1.0, -1.0, 1.0])), "var must be >= 0"),
-    "eps-zero": (lambda: spec.batch_norm_train(X, G, B, eps=0.0), "eps must be > 0, got 0.0"),
+    "eps-zero": (lambda: spec.batch_norm_train(X, G, B, eps=0.0), "eps must be > 0 and finite, got 0.0"),
     "eps-negative": (lambda: spec.batch_norm_infer(X, G, B, B, G, eps=-1e-5), "eps must be > 0"),
-    "eps-nan": (lambda: spec.batch_norm_backward(X, X, G, eps=float("nan")), "eps must be > 0"),
+    "eps-nan": (lambda: spec.batch_norm_backward(X, X, G, eps=float("nan")), "eps must be > 0 and finite, got nan"),
+    "eps-inf": (lambda: spec.batch_norm_train(X, G, B, eps=np.inf), "eps must be > 0 and finite, got inf"),
+    "eps-bool": (lambda: spec.batch_norm_train(X, G, B, eps=True), "eps must be a real number, got bool True"),
+    "eps-numpy-bool": (lambda: spec.batch_norm_infer(X, G, B, B, G, eps=np.True_), "eps must be a real number"),
+    "eps-text": (lambda: spec.batch_norm_train(X, G, B, eps="1e-5"), "eps must be a real number, got str '1e-5'"),
+    "eps-array": (lambda: spec.batch_norm_backward(X, X, G, eps=np.array([1e-5])), "eps must be a real number"),
+    "eps-0d-array": (lambda: spec.batch_norm_train(X, G, B, eps=np.array(1e-5)), "eps must be a real number"),
+    "eps-list": (lambda: spec.batch_norm_infer(X, G, B, B, G, eps=[1e-5]), "eps must be a real number"),
     "integer-x": (lambda: spec.batch_norm_train(np.ones((4, 3), dtype=np.int64), G, B), "x must be a floating-point"),
     "dy-shape": (lambda: spec.batch_norm_backward(np.ones((4, 2)), X, G), "dy must have the shape of x"),
     "one-value-per-channel": (
@@ -56,13 +63,29 @@ BAD_CALLS = {
         lambda: spec.batch_norm_backward(np.ones((1, 3)), np.ones((1, 3)), G),
         "more than one value per channel",
     ),
-    "empty-batch": (lambda: spec.batch_norm_train(np.ones((0, 3)), G, B), "estimate a variance, got 0"),
+    "masked-to-zero-values": (
+        lambda: spec.batch_norm_train(np.ones((3, 2, 2)), np.ones(2), np.zeros(2), axis=-1, mask=np.zeros((3, 2))),
+        "estimate a variance, got 0",
+    ),
     "masked-to-one-value": (
         lambda: spec.batch_norm_train(
             np.ones((3, 2, 2)), np.ones(2), np.zeros(2), axis=-1, mask=[[1, 0], [0, 0], [0, 0]]
         ),
         "more than one value per channel",
     ),
+    "mask-negative": (
+        lambda: spec.moments(X, axis=1, mask=np.array([1.0, -1.0, 1.0, 1.0])),
+        "mask weights must be >= 0, got min -1.0",
+    ),
+    "mask-nan": (
+        lambda: spec.batch_norm_train(X, G, B, mask=np.array([1.0, np.nan, 1.0, 1.0])),
+        "mask weights must be finite",
+    ),
+    "mask-inf": (
+        lambda: spec.moments(X, axis=1, mask=np.array([1.0, np.inf, 1.0, 1.0])),
+        "mask weights must be finite",
+    ),
+    "mask-text": (lambda: spec.moments(X, axis=1, mask=np.array(["1", "1", "0", "1"])), "mask must hold booleans"),
     "mask-shape": (lambda: spec.moments(X, axis=1, mask=np.ones(5)), "does not broadcast to x of shape (4, 3)"),
     "unknown-convention": (lambda: _update(convention="pytorch"), "unknown convention 'pytorch'; known: keras, torch"),
     "unknown-convention-convert": (lambda: spec.convert_momentum(0.9, "keras", "mxnet"), "unknown convention 'mxnet'"),
@@ -70,6 +93,9 @@ BAD_CALLS = {
     "momentum-negative-torch": (lambda: _update(convention="torch", momentum=-0.1), "must be in [0, 1]"),
     "momentum-nan": (lambda: _update(convention="onnx", momentum=float("nan")), "must be in [0, 1]"),
     "momentum-text": (lambda: _update(momentum="fast"), "momentum must be a number"),
+    "momentum-numeric-text": (lambda: _update(momentum="0.9"), "momentum must be a number in [0, 1], got '0.9'"),
+    "momentum-bool": (lambda: _update(momentum=True), "momentum must be a number in [0, 1], got True"),
+    "momentum-array": (lambda: _update(momentum=np.array([0.9])), "momentum must be a number"),
     "momentum-none-keras": (lambda: _update(momentum=None), "momentum=None (cumulative average) is only defined"),
     "caffe-fraction-above-1": (
         lambda: _update(convention="caffe", momentum=1.01, num_batches_tracked=0),
@@ -84,7 +110,45 @@ BAD_CALLS = {
         lambda: _update(convention="torch", momentum=None, num_batches_tracked=-1),
         "num_batches_tracked must be >= 0",
     ),
+    "counter-float": (
+        lambda: _update(convention="torch", momentum=None, num_batches_tracked=1.5),
+        "num_batches_tracked must be an integer, got float 1.5",
+    ),
+    "counter-integral-float": (
+        lambda: _update(convention="caffe", num_batches_tracked=2.0),
+        "num_batches_tracked must be an integer, got float 2.0",
+    ),
+    "counter-text": (
+        lambda: _update(convention="caffe", num_batches_tracked="3"),
+        "num_batches_tracked must be an integer, got str '3'",
+    ),
+    "counter-bool": (
+        lambda: _update(convention="torch", momentum=None, num_batches_tracked=True),
+        "num_batches_tracked must be an integer, got bool True",
+    ),
+    "counter-float-unused-by-fixed-momentum": (
+        lambda: _update(convention="torch", momentum=0.1, num_batches_tracked=0.5),
+        "num_batches_tracked must be an integer",
+    ),
+    "counter-negative-caffe-blobs": (lambda: spec.caffe_blobs(G, G, -2), "num_batches_tracked must be >= 0, got -2"),
+    "counter-float-caffe-blobs": (lambda: spec.caffe_blobs(G, G, 2.5), "num_batches_tracked must be an integer"),
+    "counter-float-new-value-weight": (
+        lambda: spec.new_value_weight(spec.get_convention("torch"), None, 3.7),
+        "num_batches_tracked must be an integer",
+    ),
     "unbiased-count-1": (lambda: _update(convention="torch", count=1), "needs count > 1"),
+    "biased-count-below-1": (lambda: _update(count=0.5), "count must be >= 1 (or 0, an empty batch), got 0.5"),
+    "count-negative": (lambda: _update(count=-4), "count must be >= 0, got -4.0"),
+    "count-negative-channel": (lambda: _update(count=np.array([4.0, -1.0, 4.0])), "count must be >= 0"),
+    "count-nan": (lambda: _update(count=float("nan")), "count must be finite, got nan"),
+    "count-inf": (lambda: _update(convention="torch", count=np.inf), "count must be finite, got inf"),
+    "count-text": (lambda: _update(count="4"), "count must be a number or an array of numbers"),
+    "count-bool": (lambda: _update(count=True), "count must be a number or an array of numbers, got dtype bool"),
+    "count-shape": (lambda: _update(count=np.full(2, 4.0)), "count must be a scalar or have shape (3,)"),
+    "running-var-negative": (
+        lambda: _update(running_var=np.array([1.0, -0.5, 1.0])),
+        "running_var must be >= 0 in every channel, got min -0.5",
+    ),
     "stat-shape": (lambda: _update(batch_mean=np.zeros(4)), "batch_mean must have shape (3,) like running_mean"),
     "negative-batch-var": (lambda: _update(batch_var=-np.ones(3)), "batch_var must be >= 0"),
     "convert-none": (lambda: spec.convert_momentum(None, "torch", "keras"), "has no fixed-momentum equivalent"),
@@ -92,7 +156,31 @@ BAD_CALLS = {
     "merge-bad-part": (lambda: spec.merge_moments([(1.0, 0.0)]), "part 0 must be (count, mean, var)"),
     "merge-negative-count": (
         lambda: spec.merge_moments([(2.0, 0.0, 1.0), (-1.0, 0.0, 1.0)]),
-        "part 1 has a negative count",
+        "part 1 count must be >= 0, got -1.0",
+    ),
+    "merge-nan-count": (
+        lambda: spec.merge_moments([(2.0, 0.0, 1.0), (np.nan, 0.0, 1.0)]),
+        "part 1 count must be finite",
+    ),
+    "merge-different-channel-counts": (
+        lambda: spec.merge_moments([(G * 4, np.zeros(3), G), (np.full(4, 4.0), np.zeros(4), np.ones(4))]),
+        "part 1 has mean of shape (4,) but part 0 has (3,): every part must describe the same channels",
+    ),
+    "merge-mean-var-shapes-differ": (
+        lambda: spec.merge_moments([(G * 4, np.zeros(3), np.ones(2))]),
+        "part 0 has count, mean, var of shapes (3,), (3,), (2,)",
+    ),
+    "merge-count-shape": (
+        lambda: spec.merge_moments([(np.full(2, 4.0), np.zeros(3), G)]),
+        "count must be a scalar or match them",
+    ),
+    "merge-one-channel-empty-everywhere": (
+        lambda: spec.merge_moments([([3.0, 0.0, 2.0], np.zeros(3), G), ([1.0, 0.0, 0.0], np.zeros(3), G)]),
+        "every part has count 0 in channel 1; there are no values to merge",
+    ),
+    "merge-two-channels-empty-everywhere": (
+        lambda: spec.merge_moments([([0.0, 5.0, 0.0], np.zeros(3), G)] * 2),
+        "every part has count 0 in channels [0, 2]",
     ),
     "merge-negative-var": (lambda: spec.merge_moments([(2.0, 0.0, -1.0)]), "part 0 has a negative variance"),
     "merge-all-empty": (lambda: spec.merge_moments([(0.0, 0.0, 0.0)] * 2), "every part has count 0"),
@@ -180,3 +268,145 @@ def test_merge_ignores_empty_replicas_whatever_their_mean():
     np.testing.assert_allclose(mean, [(3 * 1.0 + 5 * -1.0) / 8], rtol=1e-15)
     # M2 = 3*2 + 5*0.5 + d^2 * 3*5/8 with d = -2: (6 + 2.5 + 7.5) / 8 = 2
     np.testing.assert_allclose(var, [2.0], rtol=1e-15)
+
+
+# ----------------------------------------------------------------------------------- empty training batch (SPEC §9)
+
+EMPTY_BATCHES = {
+    "dense-0-rows": ((0, 3), 1),
+    "nchw-0-rows": ((0, 3, 4, 4), 1),
+    "nhwc-0-rows": ((0, 4, 4, 3), -1),
+    "ncl-empty-length": ((2, 3, 0), 1),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("name", list(EMPTY_BATCHES))
+def test_empty_training_batch_gives_empty_output_and_no_statistic(name, dtype):
+    shape, axis = EMPTY_BATCHES[name]
+    x = np.zeros(shape, dtype)
+    y, mean, var = spec.batch_norm_train(x, G, B, axis=axis)
+    assert y.shape == shape and y.dtype == x.dtype
+    assert np.isnan(mean).all() and np.isnan(var).all() and mean.shape == var.shape == (3,)
+    dx, dgamma, dbeta = spec.batch_norm_backward(x, x, G, axis=axis)
+    assert dx.shape == shape and dx.dtype == x.dtype
+    # Sums over no values are exactly 0 (PyTorch's weight/bias gradients for an empty batch, test below).
+    np.testing.assert_array_equal(dgamma, np.zeros(3))
+    np.testing.assert_array_equal(dbeta, np.zeros(3))
+
+
+# Every convention, with the counter its update needs (Caffe always, torch for momentum=None).
+EMPTY_UPDATES = {
+    **{c.name: {"convention": c.name} for c in spec.list_conventions() if c.name != "caffe"},
+    "caffe": {"convention": "caffe", "num_batches_tracked": 5},
+    "torch-cumulative": {"convention": "torch", "momentum": None, "num_batches_tracked": 5},
+}
+
+
+@pytest.mark.parametrize("name", list(EMPTY_UPDATES))
+def test_empty_batch_leaves_moving_statistics_unchanged(name):
+    running_mean, running_var = np.array([0.5, -2.0, 3.0]), np.array([1.5, 0.25, 4.0])
+    _, mean, var = spec.batch_norm_train(np.zeros((0, 3)), G, B)
+    new_mean, new_var = spec.update_running_stats(running_mean, running_var, mean, var, 0, **EMPTY_UPDATES[name])
+    np.testing.assert_array_equal(new_mean, running_mean)  # bit-identical: nothing was averaged in
+    np.testing.assert_array_equal(new_var, running_var)
+
+
+@pytest.mark.parametrize("convention", ["keras", "torch"], ids=["biased-keras", "unbiased-torch"])
+def test_an_empty_channel_keeps_its_statistics_and_the_others_update(convention):
+    running_mean, running_var = np.array([0.5, -2.0, 3.0]), np.array([1.5, 0.25, 4.0])
+    batch_mean, batch_var = np.array([1.0, np.nan, 2.0]), np.array([2.0, np.nan, 0.5])
+    count = np.array([8.0, 0.0, 8.0])
+    new_mean, new_var = spec.update_running_stats(
+        running_mean, running_var, batch_mean, batch_var, count, convention=convention
+    )
+    full_mean, full_var = spec.update_running_stats(
+        running_mean, running_var, np.nan_to_num(batch_mean), np.nan_to_num(batch_var), 8, convention=convention
+    )
+    assert (new_mean[1], new_var[1]) == (running_mean[1], running_var[1])
+    np.testing.assert_array_equal(new_mean[[0, 2]], full_mean[[0, 2]])
+    np.testing.assert_array_equal(new_var[[0, 2]], full_var[[0, 2]])
+
+
+def test_empty_batch_matches_pytorch():
+    """Peer oracle: torch.nn.BatchNorm2d on 0 rows returns an empty output, keeps its running statistics, gives
+    zero weight/bias gradients, and still increments num_batches_tracked (SPEC.md §9)."""
+    torch = pytest.importorskip("torch")
+    running_mean, running_var = np.array([0.5, -2.0, 3.0]), np.array([1.5, 0.25, 4.0])
+    bn = torch.nn.BatchNorm2d(3, momentum=None).double().train()
+    bn.running_mean.copy_(torch.from_numpy(running_mean))
+    bn.running_var.copy_(torch.from_numpy(running_var))
+    bn.num_batches_tracked.fill_(5)
+    x = np.zeros((0, 3, 4, 4))
+    bn(torch.from_numpy(x)).sum().backward()
+    y, mean, var = spec.batch_norm_train(x, G, B, axis=1)
+    new_mean, new_var = spec.update_running_stats(
+        running_mean, running_var, mean, var, 0, convention="torch", momentum=None, num_batches_tracked=5
+    )
+    _, dgamma, dbeta = spec.batch_norm_backward(x, x, G, axis=1)
+    np.testing.assert_array_equal(bn.running_mean.numpy(), new_mean)
+    np.testing.assert_array_equal(bn.running_var.numpy(), new_var)
+    np.testing.assert_array_equal(bn.weight.grad.numpy(), dgamma)
+    np.testing.assert_array_equal(bn.bias.grad.numpy(), dbeta)
+    assert int(bn.num_batches_tracked) == 6  # the empty step counts, as SPEC.md §9 says
+
+
+# ------------------------------------------------------------------------------------------------ python -m spec
+
+
+def _vector_dir(tmp_path, case: str) -> list[str]:
+    if case == "missing-dir":
+        return ["--check-vectors", str(tmp_path / "nowhere")]
+    if case == "manifest-not-json":
+        (tmp_path / "manifest.json").write_text("not json")
+        return ["--check-vectors", str(tmp_path)]
+    if case == "manifest-wrong-layout":
+        (tmp_path / "manifest.json").write_text("{}")
+        return ["--check-vectors", str(tmp_path)]
+    if case == "write-into-a-file":
+        (tmp_path / "file").write_text("")
+        return ["--write-vectors", str(tmp_path / "file" / "vectors")]
+    raise AssertionError(case)
+
+
+CLI_ERRORS = {
+    "missing-dir": "No such file or directory",
+    "manifest-not-json": "Expecting value",
+    "manifest-wrong-layout": "missing key 'cases'",
+    "write-into-a-file": "Not a directory",
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_ERRORS))
+def test_python_m_spec_bad_dir_exits_2_with_one_line(tmp_path, capsys, case):
+    from spec.__main__ import main
+
+    argv = _vector_dir(tmp_path, case)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m spec: error: ")
+    assert argv[1] in err and CLI_ERRORS[case] in err
+
+
+def test_python_m_spec_bad_argument_exits_2_with_one_line(capsys):
+    from spec.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--check-vectors", "a", "--write-vectors", "b"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("python -m spec: error: argument --write-vectors: not allowed with argument --check-vectors")
+
+
+def test_python_m_spec_error_has_no_traceback_in_a_real_process(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "spec", "--check-vectors", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
