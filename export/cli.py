@@ -63,6 +63,8 @@ OPTIONAL_MODULES = {
     "matplotlib": "data",
     "sklearn": "data",  # scikit-learn: only for the embedded default dataset
 }
+# Epochs, batch size and --limit beyond int32 overflow TensorFlow's shapes and counters (and exceed any real run).
+MAX_COUNT = 2**31 - 1
 MAX_SEED = 2**32 - 1  # NumPy's legacy seeding, which keras.utils.set_random_seed calls, takes [0, 2**32 - 1]
 
 
@@ -77,6 +79,8 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected a positive integer <= 2**31 - 1 = {MAX_COUNT}, got {value}")
     return value
 
 

@@ -252,6 +252,16 @@ class OutputDir:
         except OSError as exc:
             self.close()
             raise OutputDirError(f"cannot write --out {self.out}: {exc.strerror or exc}") from exc
+        probe = self.out / f"{_LINK_TMP_PREFIX}{self.run_id}"
+        try:  # publish() ends with a symlink: find a filesystem without them now, not after training
+            os.symlink(self.staging.name, probe)
+            probe.unlink()
+        except OSError as exc:
+            self.close()
+            raise OutputDirError(
+                f"--out {self.out} cannot hold symlinks ({exc.strerror or exc}); choose a directory on a "
+                "filesystem that can (keras-bn switches OUT/latest with one)"
+            ) from exc
         return self
 
     def _clean_stale(self) -> None:

@@ -57,6 +57,8 @@ def _write_idx_dir(directory: Path, *, truncate_test_images: bool = False) -> No
         (["run", "--seed", "-1"], "got -1"),
         (["run", "--dataset", "cifar"], "invalid choice: 'cifar'"),
         (["run", "--limit", "0"], "expected a positive integer, got 0"),
+        (["run", "--batch-size", str(10**30)], f"expected a positive integer <= 2**31 - 1 = 2147483647, got {10**30}"),
+        (["run", "--epochs", str(2**31)], f"<= 2**31 - 1 = 2147483647, got {2**31}"),
         (["fly"], "invalid choice: 'fly'"),
         ([], "the following arguments are required: COMMAND"),
     ],
@@ -71,6 +73,8 @@ def _write_idx_dir(directory: Path, *, truncate_test_images: bool = False) -> No
         "seed_negative",
         "unknown_dataset",
         "limit_zero",
+        "batch_1e30",
+        "epochs_2_31",
         "bad_cmd",
         "none",
     ],
@@ -229,6 +233,21 @@ def _hold_lock(out: Path) -> subprocess.Popen:
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
     return holder
+
+
+def test_out_without_symlinks_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    """A filesystem that cannot hold symlinks (e.g. exFAT) is found when --out is opened, not at publishing."""
+
+    def no_symlinks(*args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(outdir.os, "symlink", no_symlinks)
+    out = tmp_path / "out"
+    assert cli.main(["run", "--quiet", "--out", str(out)]) == cli.EXIT_USAGE
+    assert f"--out {out} cannot hold symlinks (Operation not permitted)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [outdir.LOCK_NAME]  # staging and probe removed
 
 
 def test_concurrent_run_on_same_out_is_refused_with_exit_2(
