@@ -1,40 +1,71 @@
-"""``keras-bn run``: the main job a new user runs first.
+"""``keras-bn run``: the main job a new user runs first; ``keras-bn verify``: check a run's files.
 
 Train LeNet-BN and the same LeNet without BN with ``model.fit`` (same initial kernels, optimizer and batches), copy
 the BN model's weights into PyTorch, export both frameworks to ONNX (BN kept and folded), compare the logits of every
-runtime on the test images, and write a report. Exit status: 0 when every runtime pair agrees, 1 when one does not
-(the message names the pair and the worst input), 2 for bad input (arguments, data directory, corrupt files, an
-output directory holding files we did not write).
+runtime on the test images, and write a report.
 
-Output directory policy: ``--out`` may be new, empty, or hold a previous run's files (only names from
-:data:`OUTPUT_NAMES`); then those names are replaced and nothing else is touched. A directory with any other entry is
-refused unless ``--force``, and even then only our own names are written: nothing of the user's is deleted or
-overwritten.
+Exit status (also in ``--help`` and docs/report.md): a crash never looks like a result.
+
+- 0: every runtime pair agrees (``verify``: the set matches its manifest).
+- 1: a runtime pair disagrees; the message names the pair and the worst input (``verify``: a file is missing,
+  changed or extra).
+- 2: bad input, found before any training: arguments, data directory or files, an ``--out`` that is not a
+  directory, not writable, holds the user's files (without ``--force``) or is in use by another run, and a missing
+  optional dependency (the message names the extra to install).
+- 3: the run failed: training diverged (non-finite loss; the report is written and says so) or an internal error
+  (one line naming it; ``--debug`` prints the traceback).
+- 130: interrupted (Ctrl-C); nothing of the interrupted run is published.
+
+Output directory (export.outdir): every file is staged and the whole set becomes ``--out/latest`` in one atomic
+rename, so ``--out`` holds the previous complete set or the new one, never a mixture; the user's files there are
+never touched.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import math
 import os
-import shutil
 import sys
-import tempfile
 import time
+import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from export import outdir
 from export import report as rpt
 from export.data import DATASET_NAMES, Dataset, load_dataset, to_nhwc_float
+from export.machine import machine_info
 
-__all__ = ["OUTPUT_NAMES", "build_parser", "main", "run_main_job"]
+__all__ = ["EXIT_CODES", "OPTIONAL_MODULES", "build_parser", "main", "run_main_job"]
 
-EXIT_OK, EXIT_DISAGREE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_DISAGREE, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = {
+    EXIT_OK: "every runtime pair agrees",
+    EXIT_DISAGREE: "a runtime pair disagrees",
+    EXIT_USAGE: "bad input or a missing optional dependency (nothing was run)",
+    EXIT_FAILED: "the run failed (training diverged, or an internal error)",
+    EXIT_INTERRUPTED: "interrupted",
+}
 ONNX_SUBDIR = "onnx"
 MODEL_FILES = {"bn": "lenet_bn.keras", "no_bn": "lenet.keras"}
-#: Every top-level name the main job writes into --out (ONNX files go into the onnx/ subfolder).
-OUTPUT_NAMES = frozenset({rpt.REPORT_JSON, rpt.REPORT_MD, rpt.PLOT_PNG, ONNX_SUBDIR, *MODEL_FILES.values()})
+#: Modules of the optional extras that ``run`` imports (module -> extra); checked before any work.
+OPTIONAL_MODULES = {
+    "torch": "torch",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "tf2onnx": "onnx",
+    "onnxscript": "onnx",
+    "matplotlib": "data",
+    "sklearn": "data",  # scikit-learn: only for the embedded default dataset
+}
+# Epochs, batch size and --limit beyond int32 overflow TensorFlow's shapes and counters (and exceed any real run).
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**32 - 1  # NumPy's legacy seeding, which keras.utils.set_random_seed calls, takes [0, 2**32 - 1]
 
 
 class UsageError(Exception):
@@ -48,6 +79,8 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected a positive integer <= 2**31 - 1 = {MAX_COUNT}, got {value}")
     return value
 
 
@@ -56,44 +89,58 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
+    if not value > 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def _seed(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1 = {MAX_SEED}], got {value}")
     return value
+
+
+_EXIT_EPILOG = "Exit status: " + "; ".join(f"{code}: {what}" for code, what in EXIT_CODES.items()) + "."
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keras-bn",
         description="Batch Normalization that behaves identically in Keras/TensorFlow, PyTorch and ONNX Runtime.",
+        epilog=_EXIT_EPILOG,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", help="on an internal error, print the Python traceback (default: one line)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser(
         "run",
+        parents=[common],
         help="train LeNet with and without BN, export to ONNX, check agreement across runtimes, write a report",
         description=(
             "Train LeNet-BN and plain LeNet with model.fit, transfer the BN model to PyTorch, export both frameworks "
             "to ONNX (BN kept as BatchNormalization nodes and folded into Conv/Gemm), compare the logits of every "
             "runtime on the test images, and write report.md, report.json, curves.png, the ONNX files and the "
-            "trained Keras models to --out. Exit status 0: all runtimes agree; 1: a runtime pair disagrees beyond "
-            "max|Δ| <= 1e-5·max(1, max|logit|) or argmax differs; 2: bad input."
+            "trained Keras models to --out/latest. A runtime pair agrees when max|Δ| <= 1e-5·max(1, max|logit|) "
+            "and argmax agrees on every image."
         ),
         epilog=(
             "Without --data-dir the data is the embedded default: scikit-learn's bundled 8x8 handwritten digits "
             "(1,797 images) upscaled to 28x28, first 1,437 for training and last 360 for testing; it works offline. "
             "For MNIST: --dataset mnist --data-dir DIR with the four IDX files (raw or .gz) or Keras' mnist.npz, "
             "or --download to fetch them (md5-checked) into DIR or ~/.cache/keras-bn. "
-            "Output policy: --out may be new, empty, or a previous run's output; a directory with other files is "
-            "refused unless --force, and nothing but keras-bn's own file names is ever written there."
+            "Output: the run's files are staged and appear together as --out/latest (a symlink to a hidden "
+            "versioned folder, swapped in one atomic rename), or not at all; report.json lists each file's size "
+            "and sha256 (keras-bn verify DIR checks them). A second run on the same --out is refused while one "
+            "runs. --out may be new, empty or a previous run's; one holding other files is refused unless --force, "
+            "and those files are never touched. " + _EXIT_EPILOG
         ),
     )
     run.add_argument(
@@ -119,16 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=_positive_float,
         default=0.05,
-        help="SGD learning rate (momentum 0.9), same for both models (default: 0.05)",
+        help="SGD learning rate (momentum 0.9), same for both models; finite and > 0 (default: 0.05)",
     )
     run.add_argument(
-        "--out", type=Path, default=Path("keras-bn-out"), help="output directory (default: ./keras-bn-out)"
+        "--out",
+        type=Path,
+        default=Path("keras-bn-out"),
+        help="output directory; the run's files appear in OUT/latest (default: ./keras-bn-out)",
     )
     run.add_argument(
         "--seed",
-        type=_non_negative_int,
+        type=_seed,
         default=0,
-        help="seeds Python, NumPy, TensorFlow and the kernel initializers; both models start alike (default: 0)",
+        help="in [0, 2**32 - 1]; seeds Python, NumPy, TensorFlow and the kernel initializers; both models start "
+        "alike (default: 0)",
     )
     run.add_argument(
         "--limit",
@@ -144,36 +195,60 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--force",
         action="store_true",
-        help="write into a non-empty --out that holds other files (only keras-bn's own names are written)",
+        help="use an --out that holds other files (keras-bn adds its own names beside them and never touches them)",
     )
     run.add_argument("--quiet", action="store_true", help="no Keras progress bar and no step messages")
+    verify = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check that a run's files match the sizes and sha256 listed in its report.json",
+        description="Exit 0 when every file listed in DIR's report.json manifest is present with its size and "
+        "sha256 and no other file is in the set; 1 otherwise (each problem on its own line); 2 if DIR is not a "
+        "directory.",
+    )
+    verify.add_argument("dir", type=Path, metavar="DIR", help="a run's --out (its latest set is checked) or a set")
     return parser
 
 
-# ---------------------------------------------------------------------------------------------------- output dir
+# ---------------------------------------------------------------------------------------------- checks before work
 
 
-def _check_out(out: Path, force: bool) -> None:
-    """Check that writing our names into ``out`` loses nothing of the user's (policy in the module docstring)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES)
-        if foreign and not force:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise UsageError(
-                f"--out {out} holds files keras-bn did not write ({shown}); choose a new or empty directory, or pass "
-                f"--force to write only keras-bn's own names ({', '.join(sorted(OUTPUT_NAMES))}) beside them"
-            )
-        onnx_dir = out / ONNX_SUBDIR
-        if onnx_dir.exists() and not onnx_dir.is_dir():
-            raise UsageError(f"{onnx_dir} exists and is not a directory")
+def _missing_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(module, extra) for every optional module this run would import and cannot find."""
+    needed = [m for m in OPTIONAL_MODULES if m != "sklearn" or args.dataset == "digits"]
+    missing = []
+    for module in needed:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken install: as good as missing
+            found = False
+        if not found:
+            missing.append((module, OPTIONAL_MODULES[module]))
+    return missing
 
 
-def _install(staged: Path, target: Path) -> None:
-    """Move a file produced in the staging directory to its final name (atomic rename on one filesystem)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staged, target)
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Everything about the command line and the installation that can be refused before loading or training."""
+    if args.dataset == "digits" and (args.data_dir is not None or args.download):
+        raise UsageError("--dataset digits is the embedded default; it takes no --data-dir or --download")
+    if args.dataset != "digits" and args.data_dir is None and not args.download:
+        raise UsageError(
+            f"--dataset {args.dataset} needs --data-dir DIR (the IDX files or Keras' .npz) or --download; "
+            "for the embedded digits use --dataset digits"
+        )
+    if args.data_dir is not None and not args.download and not args.data_dir.is_dir():
+        raise UsageError(f"--data-dir {args.data_dir} does not exist or is not a directory")
+    missing = _missing_extras(args)
+    if missing:
+        extras = ",".join(sorted({extra for _, extra in missing}))
+        raise UsageError(
+            f"keras-bn run needs {', '.join(m for m, _ in missing)}, not installed; "
+            f"install the extras: pip install 'keras-bn[{extras}]' (or 'keras-bn[all]')"
+        )
+    try:
+        outdir.check_out_dir(args.out, force=args.force)
+    except outdir.OutputDirError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------------- the steps
@@ -188,10 +263,39 @@ class _Log:
             print(f"[keras-bn] {message}", flush=True)
 
 
-def _train(
-    dataset: Dataset, batch_norm: str | None, args: argparse.Namespace, log: _Log
-) -> tuple[Any, dict[str, list[float]], float]:
-    """Build, fit and evaluate one LeNet; returns (model, per-epoch history, test accuracy)."""
+@dataclass
+class _Trained:
+    model: Any
+    per_epoch: dict[str, list[float]]
+    test_accuracy: float | None  # None when training diverged (nothing meaningful to evaluate)
+    diverged: dict[str, Any] | None  # {"epoch", "batch", "loss"} of the first non-finite training loss
+
+
+def _divergence_guard() -> Any:
+    """A Keras callback that stops ``fit`` at the first non-finite training loss and records where it happened."""
+    import keras
+
+    class StopOnNonFiniteLoss(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.epoch = 0
+            self.at: dict[str, Any] | None = None
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            loss = float((logs or {}).get("loss", 0.0))
+            if not math.isfinite(loss) and self.at is None:
+                # The loss as text ("nan", "inf"): strict JSON would turn either into null.
+                self.at = {"epoch": self.epoch + 1, "batch": batch + 1, "loss": str(loss)}
+                self.model.stop_training = True
+
+    return StopOnNonFiniteLoss()
+
+
+def _train(dataset: Dataset, batch_norm: str | None, args: argparse.Namespace, log: _Log) -> _Trained:
+    """Build, fit and evaluate one LeNet, stopping at the first non-finite loss."""
     import keras
 
     from keras_bn import compile_lenet, lenet_bn
@@ -200,18 +304,23 @@ def _train(
     keras.utils.set_random_seed(args.seed)
     model = compile_lenet(lenet_bn(batch_norm=batch_norm, seed=args.seed), optimizer="sgd", lr=args.lr, momentum=0.9)
     x_train, x_test = to_nhwc_float(dataset.x_train), to_nhwc_float(dataset.x_test)
+    guard = _divergence_guard()
     history = model.fit(
         x_train,
         dataset.y_train,
         batch_size=args.batch_size,
         epochs=args.epochs,
         validation_data=(x_test, dataset.y_test),
+        callbacks=[guard],
         verbose=0 if args.quiet else 1,
     )
-    per_epoch = {k: [float(v) for v in history.history[k]] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+    per_epoch = {k: [float(v) for v in history.history.get(k, [])] for k in keys}
+    if guard.at is not None:
+        return _Trained(model, per_epoch, None, guard.at)
     _, test_accuracy = model.evaluate(x_test, dataset.y_test, batch_size=256, verbose=0)
     log(f"{model.name}: test accuracy {100 * test_accuracy:.2f}%")
-    return model, per_epoch, float(test_accuracy)
+    return _Trained(model, per_epoch, float(test_accuracy), None)
 
 
 def _to_torch(keras_model: Any) -> Any:
@@ -251,82 +360,41 @@ def _failure_message(pairs: list[dict[str, Any]]) -> str:
     )
 
 
-def run_main_job(args: argparse.Namespace) -> int:
-    """The ``run`` command; returns the exit status (raises UsageError for bad input)."""
-    log = _Log(args.quiet)
-    if args.dataset == "digits" and (args.data_dir is not None or args.download):
-        raise UsageError("--dataset digits is the embedded default; it takes no --data-dir or --download")
-    if args.data_dir is not None and not args.download and not args.data_dir.is_dir():
-        raise UsageError(f"--data-dir {args.data_dir} does not exist or is not a directory")
-    out: Path = args.out
-    _check_out(out, args.force)  # before the slow part, but create nothing until the data has loaded
-    timings: dict[str, float] = {}
+def _divergence_message(label: str, at: dict[str, Any], lr: float) -> str:
+    return (
+        f"training diverged: {label}'s loss became {at['loss']} at epoch {at['epoch']}, batch {at['batch']} "
+        f"(SGD lr {lr}); stopped there, no export or agreement check was run"
+    )
 
-    t0 = time.perf_counter()
-    try:
-        dataset = load_dataset(args.dataset, args.data_dir, download=args.download)
-    except ImportError as exc:
-        raise UsageError(str(exc)) from exc
-    except ValueError as exc:
-        raise UsageError(f"cannot load {args.dataset}: {exc}") from exc
-    except OSError as exc:
-        raise UsageError(f"cannot get {args.dataset}: {exc}") from exc
-    if dataset.embedded and args.dataset != "digits":
-        print(
-            f"[keras-bn] note: no --data-dir given, so --dataset {args.dataset} falls back to the embedded default "
-            "(scikit-learn digits upscaled to 28x28); pass --data-dir DIR or --download for real "
-            f"{args.dataset} data",
-            file=sys.stderr,
-        )
-    dataset = dataset.limit(args.limit)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create --out {out}: {exc}") from exc
-    timings["load_data"] = time.perf_counter() - t0
-    log(f"data: {dataset.name}, {len(dataset.y_train)} train / {len(dataset.y_test)} test; {dataset.source}")
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    t0 = time.perf_counter()
-    log(f"training LeNet-BN ({args.bn_layer} BN layer), {args.epochs} epochs")
-    bn_model, bn_hist, bn_acc = _train(dataset, args.bn_layer, args, log)
-    timings["train_bn"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    log(f"training LeNet without BN, {args.epochs} epochs")
-    plain_model, plain_hist, plain_acc = _train(dataset, None, args, log)
-    timings["train_no_bn"] = time.perf_counter() - t0
+_EMPTY_HISTORY: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
 
-    staging = Path(tempfile.mkdtemp(prefix=".keras-bn-staging-", dir=out))
-    try:
-        t0 = time.perf_counter()
-        log("transferring LeNet-BN to PyTorch, exporting ONNX, comparing runtimes")
-        torch_model = _to_torch(bn_model)
-        # torch.onnx's exporter warns once per missing torchvision op (nothing here uses torchvision); set after
-        # importing torch, whose logging setup resets this logger's level.
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        agreement = _agreement(bn_model, torch_model, dataset, staging / ONNX_SUBDIR)
-        timings["export_and_agreement"] = time.perf_counter() - t0
 
-        files: dict[str, str] = {"report_json": rpt.REPORT_JSON, "report_md": rpt.REPORT_MD, "plot": rpt.PLOT_PNG}
-        for key, name in MODEL_FILES.items():
-            (bn_model if key == "bn" else plain_model).save(staging / name)
-            files[f"model_{key}"] = name
-        onnx_files: dict[str, str] = {}
-        for form, path in agreement["onnx_files"].items():
-            rel = Path(ONNX_SUBDIR) / Path(path).name
-            _install(Path(path), out / rel)
-            onnx_files[form] = rel.as_posix()
-        for name in MODEL_FILES.values():
-            _install(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-    per_epoch = {"bn": bn_hist, "no_bn": plain_hist}
-    report = {
+def _build_report(
+    args: argparse.Namespace,
+    dataset: Dataset,
+    trained: dict[str, _Trained],
+    per_epoch: dict[str, dict[str, list[float]]],
+    agreement: dict[str, Any] | None,
+    files: dict[str, str],
+    onnx_files: dict[str, str],
+    timings: dict[str, float],
+    failure: str | None,
+) -> dict[str, Any]:
+    """The plain dict that report.json and report.md are rendered from (schema: docs/report.md)."""
+    bn = trained["bn"].model
+    if failure is not None:
+        status = "diverged"
+    else:
+        status = "passed" if agreement is not None and agreement["passed"] else "disagreed"
+    return {
         "schema_version": rpt.SCHEMA_VERSION,
         "tool": "keras-bn run",
-        "command": ["keras-bn", *sys.argv[1:]],
+        "status": status,
+        "failure": failure,
+        "command": ["keras-bn", *args.argv],
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
         "dataset": {
             "name": dataset.name,
             "requested": args.dataset,
@@ -345,27 +413,114 @@ def run_main_job(args: argparse.Namespace) -> int:
             "limit": args.limit,
             "bn_layer": args.bn_layer,
             "convention": "keras",
-            "bn_momentum": float(bn_model.get_layer("bn1").momentum),
-            "epsilon": float(bn_model.get_layer("bn1").epsilon),
+            "bn_momentum": float(bn.get_layer("bn1").momentum),
+            "epsilon": float(bn.get_layer("bn1").epsilon),
         },
-        "accuracy": {"bn": bn_acc, "no_bn": plain_acc, "per_epoch": per_epoch},
-        "runtimes": agreement["runtimes"],
-        "agreement_images": agreement["n_inputs"],
-        "tolerance": agreement["tolerance"],
-        "agreement": agreement["pairs"],
-        "agreement_passed": agreement["passed"],
+        "accuracy": {
+            "bn": trained["bn"].test_accuracy,
+            "no_bn": trained["no_bn"].test_accuracy if "no_bn" in trained else None,
+            "per_epoch": per_epoch,
+            "diverged": {key: t.diverged for key, t in trained.items() if t.diverged is not None},
+        },
+        "runtimes": agreement["runtimes"] if agreement else [],
+        "agreement_images": agreement["n_inputs"] if agreement else 0,
+        "tolerance": agreement["tolerance"] if agreement else {},
+        "agreement": agreement["pairs"] if agreement else [],
+        "agreement_passed": bool(agreement and agreement["passed"]),
         "onnx_files": onnx_files,
         "files": files,
         "versions": rpt.collect_versions(),
         "timings_s": timings,
     }
+
+
+def run_main_job(args: argparse.Namespace) -> int:
+    """The ``run`` command; returns the exit status (raises UsageError for bad input)."""
+    started = time.perf_counter()
+    log = _Log(args.quiet)
+    _check_arguments(args)  # arguments, extras and --out, before any work
+    timings: dict[str, float] = {}
+
     t0 = time.perf_counter()
-    rpt.write_plot(per_epoch, out / rpt.PLOT_PNG, f"LeNet with vs without BN on {dataset.name}")
+    try:
+        dataset = load_dataset(args.dataset, args.data_dir, download=args.download)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
+    except ValueError as exc:
+        raise UsageError(f"cannot load {args.dataset}: {exc}") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot get {args.dataset}: {exc}") from exc
+    dataset = dataset.limit(args.limit)
+    timings["load_data"] = time.perf_counter() - t0
+    log(f"data: {dataset.name}, {len(dataset.y_train)} train / {len(dataset.y_test)} test; {dataset.source}")
+
+    try:
+        out = outdir.OutputDir(args.out).open()  # creates, locks and stages before training: fails fast
+    except outdir.OutputDirError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        if out.cleaned:
+            log(f"removed what an interrupted earlier run left in {args.out}: {', '.join(out.cleaned)}")
+        return _run_in(out, dataset, args, log, timings, started)
+    finally:
+        out.close()
+
+
+def _run_in(
+    out: outdir.OutputDir,
+    dataset: Dataset,
+    args: argparse.Namespace,
+    log: _Log,
+    timings: dict[str, float],
+    started: float,
+) -> int:
+    """Train, export and compare with every file written into ``out.staging``; publish the set at the end."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    stage = out.staging
+    files: dict[str, str] = {}
+    trained: dict[str, _Trained] = {}
+    failure = None
+    for key, batch_norm, label in (("bn", args.bn_layer, "LeNet-BN"), ("no_bn", None, "LeNet without BN")):
+        t0 = time.perf_counter()
+        log(f"training {label}" + (f" ({args.bn_layer} BN layer)" if batch_norm else "") + f", {args.epochs} epochs")
+        trained[key] = _train(dataset, batch_norm, args, log)
+        timings[f"train_{key}"] = time.perf_counter() - t0
+        if trained[key].diverged is not None:
+            failure = _divergence_message(label, trained[key].diverged, args.lr)
+            break
+        trained[key].model.save(stage / MODEL_FILES[key])
+        files[f"model_{key}"] = MODEL_FILES[key]
+
+    agreement, onnx_files = None, {}
+    if failure is None:
+        t0 = time.perf_counter()
+        log("transferring LeNet-BN to PyTorch, exporting ONNX, comparing runtimes")
+        torch_model = _to_torch(trained["bn"].model)
+        # torch.onnx's exporter warns once per missing torchvision op (nothing here uses torchvision); set after
+        # importing torch, whose logging setup resets this logger's level.
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        agreement = _agreement(trained["bn"].model, torch_model, dataset, stage / ONNX_SUBDIR)
+        onnx_files = {form: Path(path).relative_to(stage).as_posix() for form, path in agreement["onnx_files"].items()}
+        timings["export_and_agreement"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    per_epoch = {key: trained[key].per_epoch if key in trained else _EMPTY_HISTORY for key in MODEL_FILES}
+    rpt.write_plot(per_epoch, stage / rpt.PLOT_PNG, f"LeNet with vs without BN on {dataset.name}")
+    files.update({"plot": rpt.PLOT_PNG, "report_md": rpt.REPORT_MD, "report_json": rpt.REPORT_JSON})
+    report = _build_report(args, dataset, trained, per_epoch, agreement, files, onnx_files, timings, failure)
     timings["report"] = time.perf_counter() - t0
-    rpt.write_json(report, out / rpt.REPORT_JSON)
-    rpt.write_markdown(report, out / rpt.REPORT_MD)
-    log(f"test accuracy: LeNet-BN {100 * bn_acc:.2f}%, LeNet without BN {100 * plain_acc:.2f}%")
-    log(f"report: {out / rpt.REPORT_MD}, {out / rpt.REPORT_JSON}, {out / rpt.PLOT_PNG}")
+    report["wall_time_s"] = time.perf_counter() - started
+    rpt.write_markdown(report, stage / rpt.REPORT_MD)
+    report["manifest"] = outdir.manifest(stage, exclude=frozenset({rpt.REPORT_JSON, outdir.STAGING_MARKER}))
+    rpt.write_json(report, stage / rpt.REPORT_JSON)
+    current = out.publish()
+
+    log(f"report: {current / rpt.REPORT_MD}, {current / rpt.REPORT_JSON}, {current / rpt.PLOT_PNG}")
+    if failure is not None:
+        print(f"keras-bn: error: {failure}; report: {current / rpt.REPORT_MD}", file=sys.stderr)
+        return EXIT_FAILED
+    accuracy = {key: 100 * t.test_accuracy for key, t in trained.items()}
+    log(f"test accuracy: LeNet-BN {accuracy['bn']:.2f}%, LeNet without BN {accuracy['no_bn']:.2f}%")
     if not agreement["passed"]:
         print(f"keras-bn: {_failure_message(agreement['pairs'])}", file=sys.stderr)
         return EXIT_DISAGREE
@@ -373,18 +528,46 @@ def run_main_job(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def verify_main(args: argparse.Namespace) -> int:
+    """The ``verify`` command: 0 when the set matches its manifest, 1 with each problem on its own line."""
+    if not args.dir.is_dir():
+        raise UsageError(f"{args.dir} is not a directory")
+    problems = outdir.verify(args.dir)
+    for problem in problems:
+        print(f"keras-bn verify: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_DISAGREE
+    print(f"keras-bn verify: {args.dir}: every file matches its size and sha256 in report.json")
+    return EXIT_OK
+
+
+_COMMANDS = {"run": run_main_job, "verify": verify_main}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point ``keras-bn`` (also ``python -m export``)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Console entry point ``keras-bn`` (also ``python -m export``); exit codes in the module docstring."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
-        if args.command == "run":
-            return run_main_job(args)
+        return _COMMANDS[args.command](args)
     except UsageError as exc:
         print(f"keras-bn: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    parser.error(f"unknown command {args.command!r}")
-    return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("keras-bn: interrupted; nothing of this run was published, --out is as it was", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        hint = "" if args.debug else " (run again with --debug for the traceback)"
+        print(f"keras-bn: error: the run failed: {_one_line(exc)}{hint}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,7 @@ __all__ = [
     "REPORT_MD",
     "PLOT_PNG",
     "SCHEMA_VERSION",
+    "STATUSES",
     "atomic_write_bytes",
     "collect_versions",
     "render_markdown",
@@ -31,7 +32,8 @@ __all__ = [
     "write_plot",
 ]
 
-SCHEMA_VERSION = 1
+# 2: status, failure, machine, wall_time_s, manifest; a diverged run has null accuracies and shorter histories.
+SCHEMA_VERSION = 2
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_PNG = "curves.png"
@@ -56,6 +58,8 @@ _PACKAGES = (
 REQUIRED_KEYS = {
     "schema_version": int,
     "tool": str,
+    "status": str,
+    "machine": dict,
     "dataset": dict,
     "config": dict,
     "accuracy": dict,
@@ -66,7 +70,13 @@ REQUIRED_KEYS = {
     "files": dict,
     "versions": dict,
     "timings_s": dict,
+    "wall_time_s": float,
+    "manifest": list,
 }
+#: ``status``: passed (every pair agrees), disagreed (a pair does not), diverged (training stopped at a non-finite
+#: loss; no export or agreement ran).
+STATUSES = ("passed", "disagreed", "diverged")
+MANIFEST_KEYS = ("path", "size", "sha256")
 PAIR_KEYS = ("a", "b", "max_abs", "max_rel", "argmax_agreement", "max_abs_logit")
 
 
@@ -82,7 +92,7 @@ def collect_versions() -> dict[str, str | None]:
 
 
 def validate_report(report: Mapping[str, Any]) -> None:
-    """Raise ValueError if ``report`` lacks a documented key or has one of the wrong type (schema_version 1)."""
+    """Raise ValueError if ``report`` lacks a documented key or has one of the wrong type (schema_version 2)."""
     for key, kind in REQUIRED_KEYS.items():
         if key not in report:
             raise ValueError(f"report is missing key {key!r}")
@@ -91,10 +101,18 @@ def validate_report(report: Mapping[str, Any]) -> None:
     for key in ("bn", "no_bn", "per_epoch"):
         if key not in report["accuracy"]:
             raise ValueError(f"report['accuracy'] is missing {key!r}")
+    if report["status"] not in STATUSES:
+        raise ValueError(f"report['status'] is {report['status']!r}, expected one of {', '.join(STATUSES)}")
+    if (report["status"] == "passed") != report["agreement_passed"]:
+        raise ValueError(f"report['status'] {report['status']!r} contradicts agreement_passed")
     for i, pair in enumerate(report["agreement"]):
         missing = [k for k in PAIR_KEYS if k not in pair]
         if missing:
             raise ValueError(f"report['agreement'][{i}] is missing {missing}")
+    for i, entry in enumerate(report["manifest"]):
+        missing = [k for k in MANIFEST_KEYS if k not in entry]
+        if missing:
+            raise ValueError(f"report['manifest'][{i}] is missing {missing}")
 
 
 def _file_mode() -> int:
@@ -147,6 +165,27 @@ def _sci(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2e}"
 
 
+def _loss(values: list[float | None], i: int = -1) -> str:
+    """A loss from a per-epoch list; a non-finite one was stored as null (strict JSON), shown as "non-finite"."""
+    if not values or not -len(values) <= i < len(values):
+        return "n/a"
+    return "non-finite" if values[i] is None else f"{values[i]:.4f}"
+
+
+def _at(values: list[float | None], i: int) -> float | None:
+    return values[i] if -len(values) <= i < len(values) else None
+
+
+_MODEL_LABELS = {"bn": "LeNet-BN", "no_bn": "LeNet (no BN)"}
+
+
+def _result_line(report: Mapping[str, Any]) -> str:
+    status = report["status"]
+    if status == "diverged":
+        return f"Result: **DIVERGED**. {report.get('failure') or ''}".rstrip()
+    return f"Result: **{'PASS' if status == 'passed' else 'FAIL'}**."
+
+
 def _worst_pair_line(pairs: list[Mapping[str, Any]]) -> list[str]:
     """One sentence naming the pair closest to (or furthest past) its bound, relative to the logit scale."""
     if not pairs:
@@ -159,53 +198,15 @@ def _worst_pair_line(pairs: list[Mapping[str, Any]]) -> list[str]:
     ]
 
 
-def render_markdown(report: Mapping[str, Any]) -> str:
-    """The human-readable report: data, accuracy with and without BN, the agreement table, files, versions."""
-    ds, cfg, acc = report["dataset"], report["config"], report["accuracy"]
-    lines = [
-        "# keras-bn main job report",
-        "",
-        f"Dataset: **{ds['name']}** ({ds['n_train']} train / {ds['n_test']} test images). Source: {ds['source']}.",
-        "",
-        f"Training: {cfg['epochs']} epochs, batch size {cfg['batch_size']}, SGD lr {cfg['lr']} momentum "
-        f"{cfg['sgd_momentum']}, seed {cfg['seed']}; BN layer `{cfg['bn_layer']}` (convention {cfg['convention']}, "
-        f"momentum {cfg['bn_momentum']}, epsilon {cfg['epsilon']}). Same initial kernels and optimizer for both nets.",
-        "",
-        "## Accuracy",
-        "",
-        "| model | test accuracy | final train loss | final train accuracy |",
-        "|---|---|---|---|",
-    ]
-    for key, label in (("bn", "LeNet-BN"), ("no_bn", "LeNet (no BN)")):
-        hist = acc["per_epoch"][key]
-        lines.append(f"| {label} | {_pct(acc[key])} | {hist['loss'][-1]:.4f} | {_pct(hist['accuracy'][-1])} |")
-    lines += ["", f"Per-epoch curves: `{report['files']['plot']}`.", ""]
-    lines += ["| epoch | " + " | ".join(["BN val acc", "no-BN val acc", "BN loss", "no-BN loss"]) + " |"]
-    lines += ["|---|---|---|---|---|"]
-    bn, plain = acc["per_epoch"]["bn"], acc["per_epoch"]["no_bn"]
-    for i in range(len(bn["loss"])):
-        lines.append(
-            f"| {i + 1} | {_pct(bn['val_accuracy'][i])} | {_pct(plain['val_accuracy'][i])} | "
-            f"{bn['loss'][i]:.4f} | {plain['loss'][i]:.4f} |"
-        )
-    steps = -(-ds["n_train"] // cfg["batch_size"])
-    if 0 <= cfg["bn_momentum"] < 1:
-        lines += [
-            "",
-            f"BN's test accuracy uses the moving statistics, an exponential average with momentum "
-            f"{cfg['bn_momentum']} that remembers ~{1 / (1 - cfg['bn_momentum']):.0f} steps; with {steps} steps per "
-            "epoch they lag the weights in early epochs, so LeNet-BN's first test accuracies can trail its training "
-            "accuracy.",
-        ]
+def _agreement_lines(report: Mapping[str, Any]) -> list[str]:
+    lines = ["", "## Agreement across runtimes (LeNet-BN, logits)", ""]
+    if report["status"] == "diverged":
+        return lines + ["Not run: training diverged, so there was no trained model to export and compare."]
     tol = report.get("tolerance", {})
     lines += [
-        "",
-        "## Agreement across runtimes (LeNet-BN, logits)",
-        "",
         f"{report['agreement_images']} test images, float32. Pass: max |Δ| <= "
         f"{tol.get('rel_to_max_logit', 'n/a')} · max(1, max |logit|) and argmax agreement "
-        f"{_pct(tol.get('argmax_agreement'))} for every pair. "
-        f"Result: **{'PASS' if report['agreement_passed'] else 'FAIL'}**.",
+        f"{_pct(tol.get('argmax_agreement'))} for every pair. {_result_line(report)}",
         "",
         "Runtimes: " + ", ".join(f"`{r}`" for r in report["runtimes"]) + ".",
         "",
@@ -220,6 +221,57 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{pair['max_abs_logit']:.3g} | {_pct(pair['argmax_agreement'])} | {pair.get('worst_index', 'n/a')} | "
             f"{'n/a' if ok is None else ('yes' if ok else '**no**')} |"
         )
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The human-readable report: data, accuracy with and without BN, the agreement table, files, versions."""
+    from export.machine import describe_machine
+
+    ds, cfg, acc = report["dataset"], report["config"], report["accuracy"]
+    lines = [
+        "# keras-bn main job report",
+        "",
+        _result_line(report),
+        "",
+        f"Dataset: **{ds['name']}** ({ds['n_train']} train / {ds['n_test']} test images). Source: {ds['source']}.",
+        "",
+        f"Training: {cfg['epochs']} epochs, batch size {cfg['batch_size']}, SGD lr {cfg['lr']} momentum "
+        f"{cfg['sgd_momentum']}, seed {cfg['seed']}; BN layer `{cfg['bn_layer']}` (convention {cfg['convention']}, "
+        f"momentum {cfg['bn_momentum']}, epsilon {cfg['epsilon']}). Same initial kernels and optimizer for both nets.",
+        "",
+        f"Machine: {describe_machine(report['machine'])}. Wall time of the run: {report['wall_time_s']:.1f} s.",
+        "",
+        "## Accuracy",
+        "",
+        "| model | test accuracy | final train loss | final train accuracy |",
+        "|---|---|---|---|",
+    ]
+    per_epoch = acc["per_epoch"]
+    for key, label in _MODEL_LABELS.items():
+        hist = per_epoch[key]
+        lines.append(f"| {label} | {_pct(acc[key])} | {_loss(hist['loss'])} | {_pct(_at(hist['accuracy'], -1))} |")
+    for key, at in acc.get("diverged", {}).items():
+        lines += ["", f"{_MODEL_LABELS[key]} diverged: non-finite loss at epoch {at['epoch']}, batch {at['batch']}."]
+    lines += ["", f"Per-epoch curves: `{report['files']['plot']}`.", ""]
+    lines += ["| epoch | " + " | ".join(["BN val acc", "no-BN val acc", "BN loss", "no-BN loss"]) + " |"]
+    lines += ["|---|---|---|---|---|"]
+    bn, plain = per_epoch["bn"], per_epoch["no_bn"]
+    for i in range(max(len(bn["loss"]), len(plain["loss"]))):
+        lines.append(
+            f"| {i + 1} | {_pct(_at(bn['val_accuracy'], i))} | {_pct(_at(plain['val_accuracy'], i))} | "
+            f"{_loss(bn['loss'], i)} | {_loss(plain['loss'], i)} |"
+        )
+    steps = -(-ds["n_train"] // cfg["batch_size"])
+    if 0 <= cfg["bn_momentum"] < 1:
+        lines += [
+            "",
+            f"BN's test accuracy uses the moving statistics, an exponential average with momentum "
+            f"{cfg['bn_momentum']} that remembers ~{1 / (1 - cfg['bn_momentum']):.0f} steps; with {steps} steps per "
+            "epoch they lag the weights in early epochs, so LeNet-BN's first test accuracies can trail its training "
+            "accuracy.",
+        ]
+    lines += _agreement_lines(report)
     if report["onnx_files"]:
         lines += ["", "## ONNX files", "", "| model | file |", "|---|---|"]
         lines += [f"| {name} | `{path}` |" for name, path in report["onnx_files"].items()]
