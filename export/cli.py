@@ -400,6 +400,8 @@ def _build_report(
             "requested": args.dataset,
             "source": dataset.source,
             "embedded": dataset.embedded,
+            "canonical": dataset.canonical,
+            "file_md5": dict(dataset.file_md5),
             "n_train": len(dataset.y_train),
             "n_test": len(dataset.y_test),
         },

@@ -665,6 +665,7 @@ def test_e2e_report_schema_and_numbers(e2e: tuple[Path, subprocess.CompletedProc
     assert report["machine"]["cpu_model"] and 0 < report["wall_time_s"] < 900
     ds = report["dataset"]
     assert (ds["name"], ds["embedded"], ds["n_train"], ds["n_test"]) == ("digits", True, E2E_LIMIT, E2E_LIMIT)
+    assert ds["canonical"] is None and ds["file_md5"] == {}  # nothing to compare for the embedded default
     assert report["config"]["epochs"] == E2E_EPOCHS and report["config"]["batch_size"] == E2E_BATCH
     acc = report["accuracy"]
     for key in ("bn", "no_bn"):
