@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 
 import keras
 import numpy as np
@@ -533,6 +534,25 @@ class BatchNormalization(keras.layers.BatchNormalization):
         """Apply the recorded update, if any (called by ``keras_bn.apply_updates``)."""
         gate, count, mean, var = self._pending.take()
         self._update_moving_stats(count, mean, var, gate=gate)
+
+    # ---------------------------------------------------------------- saving
+    def load_own_variables(self, store):
+        """Keras' loading, plus files written before the class took Keras' name (paths ``.../batch_norm_N``).
+
+        Keras looks the weights up under the snake-cased class name; keras_bn <= 0.1.0 saved them
+        under ``batch_norm`` (class ``BatchNorm``). Where nothing is stored under the new path and
+        the old one exists, read that: a user's saved statistics are not lost. The store API used
+        here (``_h5_entry_path``, ``has_path``, ``get``) is Keras 3's H5IOStore; any other store
+        is used as given. In old files of models that mixed Keras' layer and ours, the numbering
+        N differs and this mapping is not attempted to be right: Keras then reports the layers it
+        could not load.
+        """
+        entry = getattr(store, "_h5_entry_path", None)
+        if len(store) == 0 and isinstance(entry, str) and hasattr(store, "has_path"):
+            legacy = re.sub(r"batch_normalization(_\d+)?$", r"batch_norm\1", entry)
+            if legacy != entry and store.has_path(legacy):
+                store = store.get(legacy)
+        super().load_own_variables(store)
 
     # ---------------------------------------------------------------- config
     def get_config(self):

@@ -98,3 +98,23 @@ def test_saved_weights_load_across_layers_and_statistics_arrive(tmp_path, rng, s
     # Ours' default inference runs TF's fused kernel where it applies (fused=None): a few float32 ulp
     # (1.2e-7 relative) from Keras' op on O(1) values through three BN layers, hence 1e-6.
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(saved(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_weights_saved_before_the_rename_still_load(tmp_path, rng):
+    """keras_bn <= 0.1.0 (class BatchNorm) stored weights under layers/batch_norm[_N]; they must still load.
+
+    Such a file is made here by renaming the groups of a current one (h5py, the format's own library).
+    """
+    h5py = pytest.importorskip("h5py")
+    saved = with_trained_state(small_model(keras_bn.BatchNorm, seed=0), rng)
+    path = tmp_path / "old.weights.h5"
+    saved.save_weights(path)
+    with h5py.File(path, "r+") as f:
+        names = [n for n in f["layers"] if n.startswith("batch_normalization")]
+        assert names == ["batch_normalization", "batch_normalization_1", "batch_normalization_2"]
+        for name in names:
+            f["layers"].move(name, name.replace("batch_normalization", "batch_norm"))
+    model = small_model(keras_bn.BatchNorm, seed=1)
+    model.load_weights(path)
+    for a, b in zip(bn_weights(saved), bn_weights(model), strict=True):
+        np.testing.assert_array_equal(a, b)
