@@ -71,8 +71,9 @@ def moments(x, axes: tuple[int, ...], mask=None) -> Moments:
 
     ``delta`` corrects the rounding error of ``m0``, which plain two-pass keeps: in float32,
     for x = 1e4 + 1e-2 * N(0, 1) it is ~1e-3, i.e. a 1% error in a variance of 1e-4. With a
-    ``mask`` (Keras' masks lack the channel axis; ``True`` = use the value) masked positions
-    are selected out of the sums, so a masked NaN cannot leak in. A channel with count 0
+    ``mask`` (broadcastable to ``x``, same rank; ``True`` = use the value; the layer applies
+    Keras' rule for its rank-1-less masks first) masked positions are selected out of the sums,
+    so a masked NaN cannot leak in. A channel with count 0
     gets mean 0, var 0. Gradients through the statistics are :func:`normalize_batch`'s job.
     """
     x = ops.stop_gradient(x)
@@ -87,9 +88,7 @@ def moments(x, axes: tuple[int, ...], mask=None) -> Moments:
         q = ops.mean(d * d, axis=axes, keepdims=True)
         count = ops.ones((channels,), dtype=x.dtype) * (ops.cast(ops.size(x), x.dtype) / channels)
     else:
-        keep = ops.cast(mask, "bool")
-        for a in channel:
-            keep = ops.expand_dims(keep, a)
+        keep = ops.broadcast_to(ops.cast(mask, "bool"), ops.shape(x))
         weights = ops.cast(keep, x.dtype)
         count_kd = ops.sum(weights, axis=axes, keepdims=True)
         safe = ops.maximum(count_kd, 1.0)
@@ -191,7 +190,8 @@ def update_running_stats(
 
     Returns ``(new_mean, new_var, valid)``. Where the spec raises (count < 1, or count <= 1
     for an unbiased variance) a layer inside a graph cannot, so ``valid`` is False there and
-    the statistics are returned unchanged: an all-masked batch carries no information.
+    the statistics are returned unchanged: an empty or all-masked batch carries no information
+    (and its statistics may be NaN, which a zero weight would not keep out: 0 * NaN = NaN).
     """
     dtype = running_mean.dtype
     batch_mean = ops.cast(batch_mean, dtype)
@@ -208,7 +208,9 @@ def update_running_stats(
     w = ops.convert_to_tensor(w, dtype=dtype) if isinstance(w, float) else ops.cast(w, dtype)
     w = ops.where(valid, w, ops.zeros_like(count))
     keep = 1.0 - w
-    return keep * running_mean + w * batch_mean, keep * running_var + w * batch_var, valid
+    new_mean = ops.where(valid, keep * running_mean + w * batch_mean, running_mean)
+    new_var = ops.where(valid, keep * running_var + w * batch_var, running_var)
+    return new_mean, new_var, valid
 
 
 def renorm_correction(mean, var, renorm_mean, renorm_stddev, epsilon: float, clipping: dict):

@@ -20,7 +20,12 @@ Three independent choices, each an argument (matrix of uses: docs/stats_update.m
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
+
 import keras
+import numpy as np
 from keras import constraints, initializers, ops, regularizers
 from keras.layers import InputSpec
 
@@ -39,12 +44,72 @@ def _clone_initializer(initializer):
     return initializer
 
 
-@keras.saving.register_keras_serializable(package="keras_bn")
-class BatchNorm(keras.layers.Layer):
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_number(name: str, value, *, low: float, high: float = math.inf) -> float:
+    """``value`` as a float after checking it is a real number (not bool, not NaN) in [low, high].
+
+    Every refusal is a ``ValueError`` naming the argument, as the spec's own checks are.
+    """
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+    return value
+
+
+def _check_axis(axis) -> int:
+    """Keras' ``int(axis)`` silently truncates 1.5 and accepts "1" and True; we take integers only."""
+    if isinstance(axis, bool | np.bool_) or not isinstance(axis, numbers.Integral):
+        raise ValueError(f"axis must be an int (the channel axis), got {axis!r}")
+    return int(axis)
+
+
+def _check_renorm_clipping(clipping) -> dict:
+    """Keras' key and order checks, plus the values' types (missing keys: rmin 0, rmax/dmax inf)."""
+    if clipping is None:
+        return {}
+    if not isinstance(clipping, dict):
+        raise ValueError(f"renorm_clipping must be a dict with keys 'rmax', 'rmin', 'dmax', got {clipping!r}")
+    keys = ["rmax", "rmin", "dmax"]
+    if set(clipping) - set(keys):
+        raise ValueError(f"Received invalid keys for `renorm_clipping` argument: {clipping}. Supported values: {keys}.")
+    checked = {
+        key: _check_number(f"renorm_clipping[{key!r}]", value, low=-math.inf)
+        for key, value in clipping.items()
+        if value is not None
+    }
+    for key, value in checked.items():
+        if value < 0:  # Keras' wording for dmax, which its own test matches
+            raise ValueError(f"{key} should be non-negative in renorm_clipping, got {key}={value}")
+    rmax, rmin = checked.get("rmax"), checked.get("rmin")
+    if rmax is not None and rmin is not None and rmax < rmin:
+        raise ValueError(f"rmax should be greater than rmin in renorm_clipping, got rmax={rmax}, rmin={rmin}")
+    return dict(clipping)
+
+
+@keras.saving.register_keras_serializable(package="keras_bn", name="BatchNorm")
+class BatchNormalization(keras.layers.BatchNormalization):
     """Batch normalization (Ioffe & Szegedy 2015) with a choice of convention and update timing.
 
+    Public name ``keras_bn.BatchNorm``. A subclass of ``keras.layers.BatchNormalization``, so
+    ``isinstance(layer, keras.layers.BatchNormalization)`` finds it (the fine-tuning recipe
+    freezes BN layers by that test), with the same class name: Keras addresses a layer's weights
+    in ``.weights.h5`` / ``.keras`` files by its snake-cased class name
+    (``keras/src/saving/saving_lib.py``, ``_save_container_state``), so files saved with
+    Keras' layer load into models built with ours and back, and default layer names are Keras'
+    (``batch_normalization``, ``batch_normalization_1``, ...). It registers as
+    ``keras_bn>BatchNorm``: ``import keras_bn`` before ``keras.saving.load_model``. None of the
+    parent's methods run (its ``__init__`` and ``build`` are replaced, not extended).
+
     Every argument of ``keras.layers.BatchNormalization`` (Keras 3.15) means what it means
-    there, plus:
+    there (validated: ``axis`` an int, ``epsilon`` finite and > 0, momenta in [0, 1],
+    ``renorm_clipping`` values >= 0, flags True/False; a bad one raises naming it), plus:
 
     Args:
         momentum: the convention's momentum (Keras 0.99 weights the *old* value, torch 0.1 the
@@ -73,7 +138,19 @@ class BatchNorm(keras.layers.Layer):
     convention ``set_weights(keras.layers.BatchNormalization(...).get_weights())`` works.
 
     Statistics are computed in float32 (float64 for float64 layers) by a corrected two-pass
-    algorithm, also under mixed precision; weights are stored in the variable dtype.
+    algorithm, also under mixed precision; weights are stored in the variable dtype. Inference
+    off TF's fused kernel (``fused=False``, other backends, other layouts) computes
+    ``keras.ops.batch_normalization``, the op Keras' layer calls: outputs bit-identical to Keras'.
+    The fused kernel's inference is a few float32 ulp away from it.
+
+    Masks follow Keras: a mask has the input's rank minus one and covers every axis but the
+    *last* (``keras.layers.Masking`` masks time steps), whatever ``axis`` is; it is broadcast
+    over the input and counted after broadcasting. Edge batches (docs/stats_update.md): a
+    training batch with no values for a channel (0 rows, or fully masked) normalizes as Keras
+    does but leaves the moving statistics unchanged, in every convention (Keras' layer writes
+    NaN, or moves them towards 0); ``convention="torch"`` counts it in ``num_batches_tracked``,
+    as PyTorch does. ``convention="torch"`` with one value per channel raises in training, as
+    PyTorch does (where the shape is static).
     """
 
     def __init__(
@@ -102,18 +179,20 @@ class BatchNorm(keras.layers.Layer):
         fused=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            try:
-                axis = int(axis)  # Keras accepts int-like values (e.g. numpy ints)
-            except (TypeError, ValueError):
-                raise ValueError(f"axis must be an int, got {axis!r}") from None
-        self.axis = int(axis)
+        # Layer's __init__, not BatchNormalization's: every attribute is set (and checked) below.
+        keras.layers.Layer.__init__(self, **kwargs)
+        self.axis = _check_axis(axis)
         conv = _ops.validate_hyperparameters(convention, 0.5, 1.0)  # convention first: names the problem
         if momentum is None:
             momentum = conv.default_momentum
-        elif momentum == CUMULATIVE:
+        elif isinstance(momentum, str) and momentum == CUMULATIVE:
             momentum = None
+        else:
+            momentum = _check_number("momentum", momentum, low=0.0, high=1.0)
+        if epsilon is not None:
+            epsilon = _check_number("epsilon", epsilon, low=-math.inf)
+            if not 0.0 < epsilon < math.inf:
+                raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
         self._conv = _ops.validate_hyperparameters(
             convention, momentum, conv.default_eps if epsilon is None else epsilon
         )
@@ -133,14 +212,14 @@ class BatchNorm(keras.layers.Layer):
             raise ValueError(f"fused must be None (auto), True or False, got {fused!r}")
         self.stats_update = stats_update
         self.normalize_with = normalize_with
-        self.affine_trainable = bool(affine_trainable)
         self.fused = fused
 
-        if synchronized and keras.backend.backend() != "tensorflow":
+        self.affine_trainable = _check_bool("affine_trainable", affine_trainable)
+        if _check_bool("synchronized", synchronized) and keras.backend.backend() != "tensorflow":
             raise ValueError("Argument synchronized=True is only supported with the TensorFlow backend.")
         self.synchronized = bool(synchronized)
-        self.center = center
-        self.scale = scale
+        self.center = _check_bool("center", center)
+        self.scale = _check_bool("scale", scale)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -151,27 +230,15 @@ class BatchNorm(keras.layers.Layer):
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.supports_masking = True
 
-        self.renorm = bool(renorm)
-        if self.renorm:
-            if convention != "keras" or self.momentum is None:
-                raise ValueError(
-                    f"renorm=True follows Keras' renorm update, so it needs convention='keras' with a numeric "
-                    f"momentum, got convention={convention!r}"
-                )
-            renorm_clipping = renorm_clipping or {}
-            keys = ["rmax", "rmin", "dmax"]
-            if set(renorm_clipping) - set(keys):
-                raise ValueError(
-                    f"Received invalid keys for `renorm_clipping` argument: {renorm_clipping}. "
-                    f"Supported values: {keys}."
-                )
-            rmax, rmin, dmax = (renorm_clipping.get(k) for k in ("rmax", "rmin", "dmax"))
-            if rmax is not None and rmin is not None and rmax < rmin:
-                raise ValueError(f"rmax should be greater than rmin in renorm_clipping, got rmax={rmax}, rmin={rmin}")
-            if dmax is not None and dmax < 0:
-                raise ValueError(f"dmax should be non-negative in renorm_clipping, got dmax={dmax}")
-        self.renorm_clipping = renorm_clipping
-        self.renorm_momentum = renorm_momentum
+        self.renorm = _check_bool("renorm", renorm)
+        if self.renorm and (convention != "keras" or self.momentum is None):
+            raise ValueError(
+                f"renorm=True follows Keras' renorm update, so it needs convention='keras' with a numeric "
+                f"momentum, got convention={convention!r}"
+            )
+        # Keras stores the clipping dict only with renorm=True ({} for None) and ignores it otherwise.
+        self.renorm_clipping = _check_renorm_clipping(renorm_clipping) if self.renorm else renorm_clipping
+        self.renorm_momentum = _check_number("renorm_momentum", renorm_momentum, low=0.0, high=1.0)
 
         self.gamma = None
         self.beta = None
@@ -280,14 +347,13 @@ class BatchNorm(keras.layers.Layer):
                 f"BatchNorm {self.name!r} was built for {self._channels} channels on axis {self.axis}, "
                 f"got input shape {inputs.shape}"
             )
-        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
-            raise ValueError(
-                "The mask provided should be one dimension less than the inputs. Received: "
-                f"mask.shape={mask.shape}, inputs.shape={inputs.shape}"
-            )
+        if mask is not None:
+            mask = self._broadcast_mask(mask, inputs)
         training = bool(training) and self.trainable  # Keras: trainable=False means inference mode
         batch_stats = training and self.normalize_with == "batch"
         update = training and self.stats_update != "frozen"
+        if (batch_stats or update) and self.convention == "torch":
+            self._check_more_than_one_value(inputs)
         stat_dtype = keras.backend.result_type(inputs.dtype, "float32")  # float32 for half inputs
         gamma = None if self.gamma is None else ops.cast(self.gamma, stat_dtype)
         beta = None if self.beta is None else ops.cast(self.beta, stat_dtype)
@@ -323,9 +389,19 @@ class BatchNorm(keras.layers.Layer):
 
                 y = _fused.infer(inputs, gamma, beta, moving_mean, moving_var, self.epsilon, fmt)
             else:
-                x = ops.cast(inputs, stat_dtype)
-                centered = x - ops.reshape(moving_mean, self._broadcast_shape(x))
-                y = _ops.scale_and_shift(centered, moving_var, gamma, beta, self.epsilon, self._channel_axis)
+                # Keras' own op with Keras' arguments (batch_normalization.py, call): bit-identical
+                # to keras.layers.BatchNormalization, so replace_batch_norm (fused=False) changes no
+                # output. A last channel axis is passed as -1, as Keras' default (same values).
+                last = self._channel_axis == len(inputs.shape) - 1
+                y = ops.batch_normalization(
+                    ops.cast(inputs, stat_dtype),
+                    moving_mean,
+                    moving_var,
+                    axis=-1 if last else self._channel_axis,
+                    offset=beta,
+                    scale=gamma,
+                    epsilon=self.epsilon,
+                )
             if update and self.synchronized:
                 count, mean, var, _ = self._sync_moments(ops.cast(inputs, stat_dtype), mask)
             elif update:
@@ -339,10 +415,40 @@ class BatchNorm(keras.layers.Layer):
                 self._update_moving_stats(count, mean, var)
         return ops.cast(y, self.compute_dtype)
 
-    def _broadcast_shape(self, x):
-        shape = [1] * len(x.shape)
-        shape[self._channel_axis] = -1
-        return shape
+    def _broadcast_mask(self, mask, inputs):
+        """Keras' mask rule (batch_normalization.py, ``_moments``): expand on the *last* axis, broadcast.
+
+        A Keras mask covers every input axis but the last (``Masking`` masks time steps), whatever
+        the channel axis is; it is counted after broadcasting, so a (1, 2, 1) mask over a
+        (1, 2, 3, 4) input weighs 24 values, not 2.
+        """
+        if len(mask.shape) != len(inputs.shape) - 1:
+            raise ValueError(
+                "The mask provided should be one dimension less than the inputs. Received: "
+                f"mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+            )
+        for m, d in zip(mask.shape, inputs.shape[:-1], strict=True):
+            if m is not None and d is not None and m not in (1, d):
+                raise ValueError(
+                    f"BatchNorm {self.name!r}: mask of shape {tuple(mask.shape)} does not broadcast to the inputs' "
+                    f"shape without its last axis, {tuple(inputs.shape[:-1])} (inputs {tuple(inputs.shape)})"
+                )
+        return ops.broadcast_to(ops.expand_dims(ops.cast(mask, "bool"), -1), ops.shape(inputs))
+
+    def _check_more_than_one_value(self, inputs):
+        """PyTorch refuses to train on one value per channel (its unbiased variance needs two).
+
+        torch/nn/functional.py, ``_verify_batch_size``: "Expected more than 1 value per channel
+        when training". Checked where the shape is static (eager, or a traced graph with a
+        known batch size); with a dynamic batch under ``tf.function`` the check cannot run at
+        trace time and such a batch leaves the statistics unchanged instead.
+        """
+        sizes = [inputs.shape[a] for a in self._reduction_axes]
+        if all(d is not None for d in sizes) and math.prod(sizes) == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(inputs.shape)} "
+                f"(BatchNorm {self.name!r}, convention='torch')"
+            )
 
     def _fused_format(self, inputs) -> str | None:
         """The fused kernel's data format for these inputs, or None for the generic path."""
@@ -385,6 +491,9 @@ class BatchNorm(keras.layers.Layer):
             variable.assign(value if gate is None else ops.where(gate, value, variable.value))
 
         if self.renorm:
+            # Keras' renorm update has no count; an empty or fully masked batch changes nothing (as above).
+            has_values = ops.cast(count, "float32") >= 1.0
+            gate = has_values if gate is None else ops.logical_and(gate, has_values)
             dtype = self.moving_mean.dtype
             new = _ops.renorm_update(
                 ops.cast(mean, dtype),
@@ -414,13 +523,36 @@ class BatchNorm(keras.layers.Layer):
         assign(self.moving_mean, new_mean)
         assign(self.moving_variance, new_var)
         if counter is not None:
-            step = ops.all(valid) if gate is None else ops.logical_and(gate, ops.all(valid))
+            # torch's num_batches_tracked counts training calls, empty ones included (it is
+            # incremented in _BatchNorm.forward before F.batch_norm sees the batch); Caffe's
+            # scale factor counts batches that contributed.
+            step = ops.convert_to_tensor(True) if self.convention == "torch" else ops.all(valid)
+            step = step if gate is None else ops.logical_and(gate, step)
             counter.assign(counter.value + ops.cast(step, "int64"))
 
     def _apply_pending(self) -> None:
         """Apply the recorded update, if any (called by ``keras_bn.apply_updates``)."""
         gate, count, mean, var = self._pending.take()
         self._update_moving_stats(count, mean, var, gate=gate)
+
+    # ---------------------------------------------------------------- saving
+    def load_own_variables(self, store):
+        """Keras' loading, plus files written before the class took Keras' name (paths ``.../batch_norm_N``).
+
+        Keras looks the weights up under the snake-cased class name; keras_bn <= 0.1.0 saved them
+        under ``batch_norm`` (class ``BatchNorm``). Where nothing is stored under the new path and
+        the old one exists, read that: a user's saved statistics are not lost. The store API used
+        here (``_h5_entry_path``, ``has_path``, ``get``) is Keras 3's H5IOStore; any other store
+        is used as given. In old files of models that mixed Keras' layer and ours, the numbering
+        N differs and this mapping is not attempted to be right: Keras then reports the layers it
+        could not load.
+        """
+        entry = getattr(store, "_h5_entry_path", None)
+        if len(store) == 0 and isinstance(entry, str) and hasattr(store, "has_path"):
+            legacy = re.sub(r"batch_normalization(_\d+)?$", r"batch_norm\1", entry)
+            if legacy != entry and store.has_path(legacy):
+                store = store.get(legacy)
+        super().load_own_variables(store)
 
     # ---------------------------------------------------------------- config
     def get_config(self):
@@ -448,4 +580,9 @@ class BatchNorm(keras.layers.Layer):
             "affine_trainable": self.affine_trainable,
             "fused": self.fused,
         }
-        return {**super().get_config(), **config}
+        return {**keras.layers.Layer.get_config(self), **config}
+
+
+#: The public name. The class is called ``BatchNormalization`` because Keras' weight files
+#: address layers by their class name (see the class docstring).
+BatchNorm = BatchNormalization

@@ -178,37 +178,47 @@ def test_variance_is_accurate_for_large_offsets(rng, fused, shape, axis):
 @pytest.mark.parametrize(("layout", "axis"), [("ntc", -1), ("nct", 1)])
 @pytest.mark.parametrize("conv", ["keras", "torch"])
 def test_masked_values_are_excluded_from_statistics(rng, layout, axis, conv):
-    """Masks (N, T) as Keras passes them; masked positions hold NaN, which must not leak."""
+    """Masks as Keras passes them (every axis but the last); masked positions hold NaN, which must not leak.
+
+    Keras' rule, whatever ``axis`` is: the mask is expanded on the last axis and broadcast
+    (keras/src/layers/normalization/batch_normalization.py, ``_moments``). So for NTC it masks
+    time steps, (N, T); for NCT it masks (sample, channel) pairs, (N, C). The spec gets the
+    broadcast mask, so the rule itself is stated here, not taken from the layer.
+    """
     shape = (4, 9, 3) if axis == -1 else (4, 3, 9)
-    mask = rng.uniform(size=(4, 9)) < 0.6
-    mask[0, 0] = True
-    expanded = np.expand_dims(mask, axis)
+    mask = rng.uniform(size=shape[:-1]) < 0.6
+    mask[0] = True  # every channel keeps values (torch's unbiased update needs two)
+    full = np.broadcast_to(np.expand_dims(mask, -1), shape)
     layer = keras_bn.BatchNorm(axis=axis, convention=conv, momentum=0.5)
     layer.build(shape)
     gamma, beta = _random_affine(layer, rng)
     mean, var = np.zeros(3), np.ones(3)
+    reduce = tuple(a for a in range(3) if a != axis % 3)
     for _ in range(3):
         x = _batch(rng, shape, axis)
-        x_nan = np.where(np.broadcast_to(expanded, shape), x, np.nan).astype(np.float32)
+        x_nan = np.where(full, x, np.nan).astype(np.float32)
         y = np.asarray(layer(x_nan, training=True, mask=mask))
-        y_ref, batch_mean, batch_var = spec.batch_norm_train(x, gamma, beta, axis=axis, eps=layer.epsilon, mask=mask)
-        keep = np.broadcast_to(expanded, shape)
-        np.testing.assert_allclose(y[keep], y_ref[keep], **OUT_TOL)
-        count = mask.sum()
+        y_ref, batch_mean, batch_var = spec.batch_norm_train(x, gamma, beta, axis=axis, eps=layer.epsilon, mask=full)
+        np.testing.assert_allclose(y[full], y_ref[full], **OUT_TOL)
+        count = full.sum(axis=reduce)
         mean, var = spec.update_running_stats(mean, var, batch_mean, batch_var, count, convention=conv, momentum=0.5)
         np.testing.assert_allclose(layer.moving_mean.numpy(), mean, **STAT_TOL)
         np.testing.assert_allclose(layer.moving_variance.numpy(), var, **STAT_TOL)
 
 
 def test_fully_masked_batch_leaves_statistics_unchanged(rng):
-    """The spec refuses count 0; inside a graph the layer cannot raise, so it skips the update."""
+    """The spec refuses count 0; inside a graph the layer cannot raise, so it skips the update.
+
+    torch's counter still counts the call, as PyTorch's num_batches_tracked counts an empty batch.
+    """
     layer = keras_bn.BatchNorm(convention="torch", momentum="cumulative")
     x = _batch(rng, (2, 5, 3), -1)
     layer(x, training=True, mask=np.ones((2, 5), bool))
     before = [w.numpy().copy() for w in layer.weights]
     layer(x, training=True, mask=np.zeros((2, 5), bool))
-    for a, b in zip(before, layer.weights, strict=True):
-        np.testing.assert_array_equal(a, b.numpy())
+    for w, a, b in zip(layer.weights, before, layer.weights, strict=True):
+        expected = a + 1 if w.name == "num_batches_tracked" else a
+        np.testing.assert_array_equal(b.numpy(), expected, err_msg=w.name)
 
 
 @pytest.mark.parametrize("normalize_with", ["batch", "moving"])
@@ -239,8 +249,8 @@ def test_normalize_with_moving_uses_stored_statistics_in_training(rng, normalize
 # --- bad input -------------------------------------------------------------------------------------
 
 BAD_ARGUMENTS = [
-    ("eps-zero", {"epsilon": 0.0}, "eps must be > 0"),
-    ("eps-negative", {"epsilon": -1e-3}, "eps must be > 0"),
+    ("eps-zero", {"epsilon": 0.0}, "epsilon must be finite and > 0"),
+    ("eps-negative", {"epsilon": -1e-3}, "epsilon must be finite and > 0"),
     ("momentum-above-1", {"momentum": 1.5}, r"must be in \[0, 1\]"),
     ("momentum-negative", {"convention": "torch", "momentum": -0.1}, r"must be in \[0, 1\]"),
     ("momentum-not-a-number", {"momentum": "fast"}, "momentum must be a number"),
