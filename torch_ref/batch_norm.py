@@ -347,8 +347,8 @@ class _BatchNorm(_TorchBatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
         )
         # Instance attributes: TorchScript sees neither class attributes nor the class name.
-        self._input_ranks: list[int] = list(self._ranks)
-        self._display_name: str = type(self).__name__
+        self._input_ranks = list(self._ranks)
+        self._display_name = type(self).__name__
 
     def _check_input_dim(self, input: Tensor) -> None:
         pass  # done in batch_norm_module_forward, with the other checks
