@@ -357,3 +357,25 @@ def test_eps_range_is_checked_at_forward_as_torch_nn(eps: float, training: bool,
         else:
             with pytest.raises(ValueError, match=f"eps must be {message}"):
                 module(x)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_no_aten_batch_norm_and_no_numpy_on_the_path(training: bool, monkeypatch) -> None:
+    """From scratch in torch ops: forward, update and backward never reach ATen's BN kernels or NumPy."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch_ref called a library batch norm or NumPy")
+
+    for owner, name in [
+        (torch.nn.functional, "batch_norm"),
+        (torch, "batch_norm"),
+        (torch, "native_batch_norm"),
+        (torch, "_native_batch_norm_legit"),
+        (torch.Tensor, "numpy"),
+        (torch, "from_numpy"),
+    ]:
+        monkeypatch.setattr(owner, name, refuse)
+    bn = torch_ref.BatchNorm2d(3, momentum=None).train(training)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    bn(x).sum().backward()
+    assert x.grad is not None and int(bn.num_batches_tracked) == int(training)
