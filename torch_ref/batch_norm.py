@@ -35,6 +35,7 @@ non-floating input raise ``ValueError`` / ``TypeError`` naming the problem inste
 """
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -311,13 +312,14 @@ def _check_arguments(
     num_features: object, eps: object, momentum: object, affine: object, track_running_stats: object, bias: object
 ) -> None:
     """Type and range checks at construction; torch.nn checks none of these (a stricter drop-in)."""
-    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+    # numbers.Integral/Real: NumPy scalars (np.int64, np.float32) are accepted as torch.nn accepts them.
+    if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features < 1:
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
     # eps <= 0 is refused at forward time, in torch.nn's words (eps = 0 is legal in eval mode).
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite real number, got {eps!r}")
     if momentum is not None and (
-        isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0
+        isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0
     ):
         raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum!r}")
     for label, value in (("affine", affine), ("track_running_stats", track_running_stats), ("bias", bias)):
