@@ -32,6 +32,12 @@ tests/test_torch_module_db.py): constructor arguments are validated by type and 
 accepts e.g. ``num_features=0`` or ``momentum=1.5``), a channel-count mismatch and a
 non-floating input raise ``ValueError`` / ``TypeError`` naming the problem instead of ATen's
 ``RuntimeError`` / ``NotImplementedError``.
+
+Under program transforms (tests/test_torch_transforms.py): ``torch.compile`` uses the Function
+without its ``jvp`` (TorchDynamo refuses custom jvps); ``torch.jit.script`` cannot call a custom
+Function, so scripted code runs the same forward in plain ops and autograd derives its backward;
+``torch.fx.symbolic_trace`` records ``batch_norm_module_forward`` as one call with the train/eval
+mode of tracing baked in (torch.nn's BN is an fx leaf module, ours is traced like user code).
 """
 
 import math

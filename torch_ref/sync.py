@@ -13,6 +13,10 @@ the cancellation in E[x^2] - E[x]^2. The weight and bias gradients returned are 
 sums, as ``torch.nn.SyncBatchNorm`` returns them: DistributedDataParallel's gradient all-reduce
 then combines them. Three collective calls per layer per training step.
 
+Second derivatives are not supported across ranks (the backward's all-reduce is not itself
+differentiated; ``once_differentiable`` marks it); with one rank the layer is the local
+``torch_ref`` BN, whose double backward is exact.
+
 ``torch.nn.SyncBatchNorm`` itself refuses CPU tensors (its kernels ``batch_norm_stats`` and
 ``batch_norm_gather_stats_with_counts`` are CUDA-only in torch 2.13); this module runs anywhere.
 """
