@@ -121,3 +121,21 @@ def test_convert_lenet_replaces_every_batch_norm():
     names = [n for n, m in converted.named_modules() if isinstance(m, SyncBatchNorm)]
     assert names == ["bn1", "bn2", "bn3", "bn4"]
     assert float(converted.bn3.running_mean[0]) == 0.25
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["float16", "float64"])
+@pytest.mark.parametrize("source", ["torch_ref.BatchNorm2d", "torch.nn.BatchNorm2d"])
+def test_convert_keeps_parameters_dtype_and_requires_grad_as_torch_does(source, dtype):
+    """Ours and torch.nn.SyncBatchNorm.convert_sync_batchnorm both hand the old Parameter/buffer objects over."""
+    results = {}
+    for converter in (SyncBatchNorm, torch.nn.SyncBatchNorm):
+        local = (torch_ref.BatchNorm2d if source.startswith("torch_ref") else torch.nn.BatchNorm2d)(4, dtype=dtype)
+        local.bias.requires_grad_(False)
+        originals = {**dict(local.named_parameters()), **dict(local.named_buffers())}
+        synced = converter.convert_sync_batchnorm(torch.nn.Sequential(local))[0]
+        assert isinstance(synced, converter)
+        tensors = {**dict(synced.named_parameters()), **dict(synced.named_buffers())}
+        assert all(tensors[name] is tensor for name, tensor in originals.items()), converter
+        results[converter] = {k: (v.dtype, v.requires_grad) for k, v in tensors.items()}
+    assert results[SyncBatchNorm] == results[torch.nn.SyncBatchNorm]
+    assert results[SyncBatchNorm]["weight"] == (dtype, True) and results[SyncBatchNorm]["bias"] == (dtype, False)

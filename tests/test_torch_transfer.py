@@ -164,6 +164,35 @@ def _torch_with(replace: dict[str, nn.Module], batch_norm: str | None = "ours") 
     return model
 
 
+def _conv_bn_keras(axis: int) -> keras.Model:
+    """Conv2D(6, 3) on 8x8x1 (a 6x6x6 map), BN over ``axis``, Flatten, Dense(10)."""
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(6, 3, name="conv"),
+            keras.layers.BatchNormalization(axis=axis, name="bn"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(10, name="fc"),
+        ]
+    )
+
+
+def _conv_bn_torch() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 6, 3), torch_ref.BatchNorm2d(6), nn.Flatten(), nn.Linear(216, 10))
+
+
+@pytest.mark.parametrize("axis", [-1, 3], ids=["axis-1", "axis3"])
+def test_bn_over_the_channel_axis_transfers_with_equal_logits(axis: int) -> None:
+    """Both spellings of the channel axis pass the axis check and give torch's logits (the refusals are below)."""
+    keras_model = _randomize(_conv_bn_keras(axis), seed=2)
+    torch_model = torch_ref.keras_to_torch(keras_model, _conv_bn_torch()).eval()
+    x = np.random.default_rng(1).random((4, 8, 8, 1), dtype=np.float32)
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    # float32 inference tolerance as in test_same_logits_on_mnist_test_images
+    np.testing.assert_allclose(keras_model(x).numpy(), expected, atol=1e-5 * max(1, np.abs(expected).max()))
+
+
 MISMATCHES = {
     "torch-has-no-bn": (lambda: _keras_lenet("ours"), lambda: torch_ref.lenet_bn(None), "'bn1'"),
     "keras-has-no-bn": (lambda: _keras_lenet(None), lambda: torch_ref.lenet_bn("ours"), "'bn1'"),
@@ -186,6 +215,13 @@ MISMATCHES = {
         lambda: nn.Sequential(torch_ref.lenet_bn("ours"), nn.Linear(10, 10)),
         "'1'.*no Keras counterpart",
     ),
+    # Issue 9: a BN over the rows of a 6x6x6 map has 6 features like BatchNorm2d(6), but other statistics.
+    "bn-over-rows": (
+        lambda: _conv_bn_keras(axis=1),
+        lambda: _conv_bn_torch(),
+        r"'bn'.*axis 1.*channel axis.*'conv'.* 3",
+    ),
+    "bn-over-columns": (lambda: _conv_bn_keras(axis=-2), lambda: _conv_bn_torch(), r"'bn'.*axis -2"),
     "unsupported-keras-layer": (
         lambda: keras.Sequential([keras.Input((4,)), keras.layers.LayerNormalization(name="ln")]),
         lambda: nn.Sequential(nn.LayerNorm(4)),

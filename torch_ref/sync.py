@@ -13,6 +13,10 @@ the cancellation in E[x^2] - E[x]^2. The weight and bias gradients returned are 
 sums, as ``torch.nn.SyncBatchNorm`` returns them: DistributedDataParallel's gradient all-reduce
 then combines them. Three collective calls per layer per training step.
 
+Second derivatives are not supported across ranks (the backward's all-reduce is not itself
+differentiated; ``once_differentiable`` marks it); with one rank the layer is the local
+``torch_ref`` BN, whose double backward is exact.
+
 ``torch.nn.SyncBatchNorm`` itself refuses CPU tensors (its kernels ``batch_norm_stats`` and
 ``batch_norm_gather_stats_with_counts`` are CUDA-only in torch 2.13); this module runs anywhere.
 """
@@ -24,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from torch_ref.batch_norm import _BatchNorm, _channel_shape, _reduction_dims
+from torch_ref.batch_norm import _BatchNorm, _channel_shape, _reduction_dims, check_input, update_running_stats_
 
 #: Collective calls one SyncBatchNorm issues per training step (forward, backward).
 COLLECTIVES_PER_STEP = {"forward": 2, "backward": 1}
@@ -116,19 +120,30 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self._world_size() == 1:
             return super().forward(x)
-        self._check_input(x)
+        check_input(x, self.num_features, self._input_ranks, self._display_name)
+        if not self.eps > 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         y, mean, var, count = sync_batch_norm_train(x, self.weight, self.bias, self.eps, self.process_group)
         count = int(count.item())
-        if count <= 1:
+        if count == 1:
             raise ValueError(f"Expected more than 1 value per channel over all ranks when training, got {count}")
         if self.track_running_stats and self.running_mean is not None:
-            self._update_running_stats(mean, var, count)
+            self.num_batches_tracked.add_(1)
+            if count > 1:  # an empty global batch leaves the statistics, as the local layer does
+                update_running_stats_(
+                    self.running_mean, self.running_var, self.num_batches_tracked, mean, var, count, self.momentum
+                )
         return y
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
-        """Replace every ``torch_ref``/``torch.nn`` BatchNorm*d in ``module`` by this class, keeping its state."""
-        if isinstance(module, (_BatchNorm, nn.modules.batchnorm._BatchNorm)) and not isinstance(module, cls):
+        """Replace every ``torch_ref``/``torch.nn`` BatchNorm*d in ``module`` by this class, sharing its state.
+
+        As ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the new layer takes over the old one's
+        Parameter and buffer objects, so dtype, device, ``requires_grad`` and optimizer references
+        are kept.
+        """
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
             new = cls(
                 module.num_features,
                 eps=module.eps,
@@ -136,9 +151,18 @@ class SyncBatchNorm(_BatchNorm):
                 affine=module.affine,
                 track_running_stats=module.track_running_stats,
                 process_group=process_group,
+                device="meta",  # placeholders only: every tensor is replaced by the module's own below
+                bias=module.bias is not None if module.affine else True,
             )
-            new.load_state_dict(module.state_dict())
+            if module.affine:
+                new.weight = module.weight
+                new.bias = module.bias
+            new.running_mean = module.running_mean
+            new.running_var = module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
             new.train(module.training)
+            if hasattr(module, "qconfig"):
+                new.qconfig = module.qconfig
             return new
         for name, child in module.named_children():
             converted = cls.convert_sync_batchnorm(child, process_group)

@@ -110,18 +110,49 @@ def _flatten_permutation(layer: keras.layers.Flatten) -> np.ndarray | None:
     return np.moveaxis(keras_index, -1, 0).reshape(-1)  # enumerate Keras indices in (c, h, w) order
 
 
+def _check_bn_axis(layer: keras.Layer, source: keras.Layer | None, channel_axis: int | None) -> None:
+    """A Keras BN must normalize the channel axis of the layer it follows: torch's BatchNorm*d always does.
+
+    Sizes alone cannot tell (a BN over the rows of a 6x6x6 map has 6 features like one over its
+    channels), so the axis is compared, counted from the front of the BN's input.
+    """
+    if source is None or channel_axis is None:
+        return  # no layer before it fixed a layout we follow (model input, Reshape, Permute)
+    try:
+        rank = len(layer.input.shape)
+    except (AttributeError, ValueError) as err:
+        raise ValueError(
+            f"keras layer {layer.name!r} ({type(layer).__name__}): cannot read its input shape ({err})"
+        ) from None
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    normalized = sorted(int(a) % rank for a in axes)
+    if normalized != [channel_axis % rank]:
+        raise ValueError(
+            f"keras layer {layer.name!r} ({type(layer).__name__}) normalizes axis {layer.axis} of its {rank}D input, "
+            f"but the channel axis after {source.name!r} ({type(source).__name__}) is {channel_axis % rank}: "
+            "torch's BatchNorm normalizes channels, so its statistics and logits would differ"
+        )
+
+
 def _keras_units(model: keras.Layer) -> list[_Unit]:
     units, perm = [], None
+    source, channel_axis = None, None  # the last layer that fixed the layout, and its channel axis
     for layer in _keras_leaves(model):
         if isinstance(layer, keras.layers.Flatten):
             perm = _flatten_permutation(layer)
+            source, channel_axis = layer, -1
         elif isinstance(layer, keras.layers.Conv2D):
             units.append(_Unit(layer.name, "conv2d", layer))
             perm = None
+            source, channel_axis = layer, (1 if layer.data_format == "channels_first" else -1)
         elif isinstance(layer, keras.layers.Dense):
             units.append(_Unit(layer.name, "dense", layer, perm))
             perm = None  # the Dense consumes the flattened order
+            source, channel_axis = layer, -1
+        elif isinstance(layer, (keras.layers.Reshape, keras.layers.Permute)):
+            source, channel_axis = None, None  # a new layout we do not follow: no axis check after it
         elif _is_keras_bn(layer):
+            _check_bn_axis(layer, source, channel_axis)
             units.append(_Unit(layer.name, "batch_norm", layer, perm))
         elif layer.weights:
             raise ValueError(f"keras layer {layer.name!r} ({type(layer).__name__}) has weights the transfer cannot map")
