@@ -236,6 +236,8 @@ def _agreement(keras_model: Any, torch_model: Any, dataset: Dataset, onnx_dir: P
         "n_inputs": int(result.n_inputs),
         # export.agreement.RTOL is the bound: max|a - b| <= rtol * max(1, max|logit|), argmax 100%.
         "tolerance": {"rel_to_max_logit": float(result.rtol), "argmax_agreement": 1.0},
+        # skipped runtimes (deploy extra missing), runtime versions, LiteRT BN form: reported as they come
+        "summary": result.summary(),
     }
 
 
@@ -354,6 +356,9 @@ def run_main_job(args: argparse.Namespace) -> int:
         "tolerance": agreement["tolerance"],
         "agreement": agreement["pairs"],
         "agreement_passed": agreement["passed"],
+        "skipped_runtimes": agreement["summary"]["skipped"],
+        "runtime_versions": agreement["summary"]["runtime_versions"],
+        "litert": agreement["summary"]["litert"],
         "onnx_files": onnx_files,
         "files": files,
         "versions": rpt.collect_versions(),

@@ -15,6 +15,7 @@ from _export_models import FLAVOURS, digits, exported, trained_pair
 import spec
 from export import runtimes
 from export.agreement import OPTIONAL_RUNTIMES, RTOL, RUNTIMES, compare_runtimes
+from export.report import _skipped_runtimes_lines
 
 U32 = 2.0**-24  # float32 unit roundoff
 N_IMAGES = 48
@@ -132,6 +133,8 @@ def test_missing_deploy_modules_skip_their_runtimes_with_the_reason(monkeypatch)
         assert module in skipped["reason"] and "keras-bn[deploy]" in skipped["reason"]
     assert result.summary()["skipped"] == result.skipped and result.litert == {}
     result.raise_for_failure()
+    (line, *_) = _skipped_runtimes_lines({"skipped_runtimes": result.summary()["skipped"]})  # report.md's line
+    assert line.startswith("Skipped runtimes: ") and all(f"`{name}`" in line for name in OPTIONAL_RUNTIMES)
 
 
 def test_skip_names_only_optional_runtimes():
