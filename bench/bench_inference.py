@@ -12,7 +12,11 @@ its PyTorch twin (``torch_ref.keras_to_torch``) and its four ONNX exports
   ``torch_ref``'s BatchNorm and, as ``torch eval (nn.BatchNorm)``, the same weights in ATen's;
 - ``ort:<form>``: ONNX Runtime CPU on each export, graph optimizations ON (``ORT_ENABLE_ALL``, the
   deployment setting; ORT then fuses an unfolded Conv+BN itself), and for the two BN-node forms also
-  with optimizations OFF (``ORT_DISABLE_ALL``: the graph as exported, BN kernels run).
+  with optimizations OFF (``ORT_DISABLE_ALL``: the graph as exported, BN kernels run);
+- ``litert`` (deploy extra): ``model.export(format="litert")``, float32, run by the LiteRT interpreter
+  with its default XNNPACK delegate, one interpreter per batch size (resizing is not timed);
+- ``openvino:<form>`` (deploy extra): OpenVINO's CPU plugin compiling each ONNX file, precision hint
+  f32 (its default is bf16 on AMX/AVX512_BF16 CPUs, which would not be the float32 network).
 
 Every call goes from a NumPy array in to a NumPy array out. Runtimes are timed in interleaved
 rounds (each round times every runtime once, in rotating order) so load drift on a shared machine
@@ -21,7 +25,8 @@ hits all of them alike; figures are medians over all calls. Ratios are time / ti
 
 Threads are set explicitly before any work: TensorFlow intra-op = ``--threads``, inter-op = 1;
 ``torch.set_num_threads(--threads)``, inter-op 1; ORT ``intra_op_num_threads=--threads``,
-``inter_op_num_threads=1``. All are printed.
+``inter_op_num_threads=1``; LiteRT ``num_threads=--threads``; OpenVINO ``INFERENCE_NUM_THREADS=--threads``.
+All are printed, with the CPU (``export.machine.describe_machine``).
 
     nice -n 10 python bench/bench_inference.py                    # 1 thread, MNIST from ../shared/data
     python bench/bench_inference.py --threads 2 --rounds 5 --json out.json
@@ -79,6 +84,8 @@ def set_threads(threads: int) -> dict[str, str]:
         f"inter_op={tf.config.threading.get_inter_op_parallelism_threads()}",
         "torch": f"num_threads={torch.get_num_threads()} interop={torch.get_num_interop_threads()}",
         "onnxruntime": f"intra_op_num_threads={threads} inter_op_num_threads=1",
+        "litert": f"num_threads={threads}",
+        "openvino": f"INFERENCE_NUM_THREADS={threads} INFERENCE_PRECISION_HINT=f32",
     }
 
 
@@ -139,6 +146,66 @@ def make_runners(model, torch_model, files: dict[str, Path], threads: int) -> di
     return runners
 
 
+def make_deploy_runners(model, files: dict[str, Path], threads: int, tmp: Path) -> tuple[dict[str, Callable], list]:
+    """LiteRT and OpenVINO runners (the deploy extra); returns (runners, [(skipped runtime, reason)])."""
+    import onnx
+
+    from export.runtimes import _interpreter, export_litert, missing_module, onnx_layout
+
+    runners: dict[str, Callable] = {}
+    skipped = []
+    reason = missing_module("ai_edge_litert")
+    if reason:
+        skipped.append(("litert", reason))
+    else:
+        tflite = export_litert(model, tmp / "lenet_bn.tflite")
+        interpreters: dict[int, tuple] = {}
+
+        def litert(x):
+            if len(x) not in interpreters:  # one interpreter per batch size: no resize inside the timed calls
+                interpreter = _interpreter(tflite, threads)
+                (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+                interpreter.resize_tensor_input(source["index"], list(x.shape))
+                interpreter.allocate_tensors()
+                interpreters[len(x)] = (interpreter, source["index"], target["index"])
+            interpreter, source, target = interpreters[len(x)]
+            interpreter.set_tensor(source, x)
+            interpreter.invoke()
+            return interpreter.get_tensor(target)
+
+        runners["litert"] = litert
+    reason = missing_module("openvino")
+    if reason:
+        skipped.append(("openvino:*", reason))
+    else:
+        import openvino
+
+        core = openvino.Core()
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+        for form, path in files.items():
+            request = core.compile_model(str(path), "CPU", config).create_infer_request()
+            nchw = onnx_layout(onnx.load(str(path))) == "NCHW"
+
+            def run(x, request=request, nchw=nchw):
+                request.infer({0: np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if nchw else x})
+                return request.get_output_tensor(0).data.copy()
+
+            runners[f"openvino:{form}"] = run
+    return runners, skipped
+
+
+def _deploy_versions() -> str:
+    import importlib.metadata
+
+    found = []
+    for name in ("ai-edge-litert", "openvino"):
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return ", ".join(found)
+
+
 def time_rounds(runners: dict[str, Callable], inputs: list[np.ndarray], rounds: int, calls: int) -> dict[str, list]:
     """Per-call seconds for every runner, interleaved: each round times every runner ``calls`` times."""
     names = list(runners)
@@ -165,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.agreement import compare_pair
     from export.data import load_dataset, to_nhwc_float
+    from export.machine import describe_machine
     from export.onnx_export import export_all
 
     if (args.data_dir / "t10k-images-idx3-ubyte.gz").exists() or args.data_dir.is_dir():
@@ -178,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         files = export_all(model, torch_model, tmp)
         runners = make_runners(model, torch_model, files, args.threads)
+        deploy, skipped = make_deploy_runners(model, files, args.threads, Path(tmp))
+        runners.update(deploy)
         singles = [x_test[i : i + 1] for i in range(64)]
         second = x_test[args.batch : 2 * args.batch]
         big = [x_test[: args.batch], second if len(second) == args.batch else x_test[: args.batch]]
@@ -210,12 +280,14 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
 
-    machine = platform.processor() or platform.machine()
-    print(f"LeNet-BN ({args.bn} BN) inference on {data.name} test images; {machine}, {os.cpu_count()} CPUs")
+    print(f"LeNet-BN ({args.bn} BN) inference on {data.name} test images")
+    print(describe_machine())
     print(
         f"versions: python {platform.python_version()}, tensorflow {tf.__version__}, keras {keras.__version__}, "
-        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {_deploy_versions()}"
     )
+    for name, reason in skipped:
+        print(f"skipped: {name}: {reason}")
     print("threads: " + "; ".join(f"{k} {v}" for k, v in threads.items()))
     print(f"load average before/after timing: {load_before[0]:.2f} / {load_after[0]:.2f} (shared machine)")
     print(
@@ -235,7 +307,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         args.json.write_text(
-            json.dumps({"threads": threads, "batch": args.batch, "rounds": args.rounds, "rows": rows}, indent=2)
+            json.dumps(
+                {
+                    "machine": describe_machine(),
+                    "threads": threads,
+                    "batch": args.batch,
+                    "rounds": args.rounds,
+                    "skipped": [{"runtime": n, "reason": r} for n, r in skipped],
+                    "rows": rows,
+                },
+                indent=2,
+            )
         )
     return 0
 

@@ -13,17 +13,28 @@ an element-wise ratio unbounded without saying anything about the network.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from export import runtimes
 from export.onnx_export import FORMS, export_all
 
-__all__ = ["RTOL", "RUNTIMES", "AgreementError", "AgreementResult", "PairAgreement", "compare_runtimes"]
+__all__ = [
+    "LITERT_FILE",
+    "OPTIONAL_RUNTIMES",
+    "RTOL",
+    "RUNTIMES",
+    "AgreementError",
+    "AgreementResult",
+    "PairAgreement",
+    "compare_runtimes",
+]
 
 #: float32 logits of a ~45k-parameter net differ by re-association only: ~1e-6 relative in practice
 #: (4e-6 on logits up to 9 for the Keras export in ORT); 1e-5 is the issue's bound.
@@ -31,16 +42,31 @@ RTOL = 1e-5
 
 #: runtime name -> what runs. "ort:<form>" is ONNX Runtime on that export form (graph optimizations
 #: off, so BatchNormalization nodes run as such); "onnx.reference" runs the torch BN-node export.
+#: The runtimes of :data:`OPTIONAL_RUNTIMES` come with the ``deploy`` extra and are skipped (and
+#: listed in ``AgreementResult.skipped``) when it is not installed.
 RUNTIMES: dict[str, str] = {
     "keras": "Keras model.predict (TensorFlow)",
+    "keras:jax": "the same model saved as .keras, loaded and predicted under the JAX backend (subprocess)",
     "torch": "PyTorch eager, eval()",
     "ort:keras": "ONNX Runtime, Keras export with BatchNormalization nodes",
     "ort:keras-folded": "ONNX Runtime, Keras export folded by export.fold",
     "ort:torch": "ONNX Runtime, PyTorch export with BatchNormalization nodes",
     "ort:torch-folded": "ONNX Runtime, PyTorch export folded by the exporter",
+    **{f"openvino:{form}": f"OpenVINO CPU plugin (float32) on the {form} ONNX file" for form in FORMS},
+    "litert": "Keras model.export(format='litert'), float32, LiteRT interpreter (XNNPACK)",
     "onnx.reference": "onnx.reference.ReferenceEvaluator, PyTorch export with BatchNormalization nodes",
     "spec": "NumPy float64 forward with spec.batch_norm_infer",
 }
+
+#: optional runtime -> the module it needs (``export.runtimes.OPTIONAL_RUNTIMES`` by family).
+OPTIONAL_RUNTIMES: dict[str, str] = {
+    name: runtimes.OPTIONAL_RUNTIMES[name.split(":")[0] if name.startswith("openvino") else name]
+    for name in RUNTIMES
+    if name.startswith(("openvino", "litert", "keras:"))
+}
+
+#: file name of the LiteRT export written beside the ONNX files.
+LITERT_FILE = "lenet_bn.tflite"
 
 
 class AgreementError(AssertionError):
@@ -115,6 +141,12 @@ class AgreementResult:
     #: inputs each runtime saw (onnx.reference may run on a prefix only)
     counts: dict[str, int] = field(default_factory=dict)
     logits: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    #: runtimes of :data:`RUNTIMES` that did not run: ``[{"runtime": name, "reason": one line}]``
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    #: runtime -> the versions that produced its logits (package name and version, in words)
+    versions: dict[str, str] = field(default_factory=dict)
+    #: the LiteRT export: ``{"file", "bn_form", "ops"}`` (see export.runtimes.litert_batchnorm_form); empty if skipped
+    litert: dict[str, object] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -141,6 +173,15 @@ class AgreementResult:
             )
         return "\n".join(lines)
 
+    def summary(self) -> dict:
+        """What a report needs beside the pairs: runtimes run and skipped, their versions, the LiteRT BN form."""
+        return {
+            "runtimes": list(self.runtimes),
+            "skipped": [dict(s) for s in self.skipped],
+            "runtime_versions": dict(self.versions),
+            "litert": {k: v for k, v in self.litert.items() if k != "file"},
+        }
+
     def raise_for_failure(self) -> None:
         failures = self.failures()
         if failures:
@@ -155,10 +196,55 @@ def _as_images(images) -> np.ndarray:
     if images.dtype == np.uint8 and images.ndim == 3:
         from export.data import to_nhwc_float
 
-        return to_nhwc_float(images)
-    if images.dtype == np.float32 and images.ndim == 4:
-        return images
-    raise ValueError(f"images must be uint8 (N, H, W) or float32 NHWC (N, H, W, C), got {images.dtype} {images.shape}")
+        images = to_nhwc_float(images)
+    elif not (images.dtype == np.float32 and images.ndim == 4):
+        raise ValueError(
+            f"images must be uint8 (N, H, W) or float32 NHWC (N, H, W, C), got {images.dtype} {images.shape}"
+        )
+    if len(images) == 0:
+        raise ValueError("images is empty: compare_runtimes needs at least one image")
+    return images
+
+
+def _version(*distributions: str) -> str:
+    """``"name version, ..."``; tensorflow is found under either of its distribution names."""
+    found = []
+    for name in distributions:
+        for candidate in (name, "tensorflow-cpu") if name == "tensorflow" else (name,):
+            try:
+                found.append(f"{name} {importlib.metadata.version(candidate)}")
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        else:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
+
+
+def _optional_runtimes(skip: Collection[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """(optional runtimes to run, skipped ones with the reason) in :data:`RUNTIMES` order."""
+    unknown = sorted(set(skip) - set(OPTIONAL_RUNTIMES))
+    if unknown:
+        raise ValueError(f"skip names {unknown}, which are not optional runtimes; those are {list(OPTIONAL_RUNTIMES)}")
+    reasons = {module: runtimes.missing_module(module) for module in set(OPTIONAL_RUNTIMES.values())}
+    run, skipped = [], []
+    for name, module in OPTIONAL_RUNTIMES.items():
+        if name in skip:
+            skipped.append({"runtime": name, "reason": "skipped by the caller (skip=...)"})
+        elif reasons[module]:
+            skipped.append({"runtime": name, "reason": reasons[module]})
+        else:
+            run.append(name)
+    return run, skipped
+
+
+def _check_onnx_files(onnx_files: Mapping[str, str | os.PathLike[str]]) -> dict[str, str]:
+    missing = sorted(set(FORMS) - set(onnx_files))
+    if missing:
+        raise ValueError(f"onnx_files lacks the forms {missing}; expected {sorted(FORMS)}")
+    for form in FORMS:
+        runtimes.load_onnx(onnx_files[form], what=f"onnx_files[{form!r}]")
+    return {form: str(path) for form, path in onnx_files.items()}
 
 
 def compare_runtimes(
@@ -172,28 +258,32 @@ def compare_runtimes(
     reference_limit: int | None = None,
     threads: int | None = None,
     batch_size: int = 1000,
+    skip: Collection[str] = (),
 ) -> AgreementResult:
     """Run the same images through every runtime of :data:`RUNTIMES` and compare all pairs.
 
     ``keras_model`` and ``torch_model`` must hold the same weights (``torch_ref.keras_to_torch``).
-    ``images``: uint8 (N, 28, 28) as loaded, or float32 NHWC. The ONNX files are ``onnx_files``
-    (form -> path, as :func:`export.onnx_export.export_all` returns) or are exported into
-    ``out_dir`` (a temporary directory if None; then the paths in the result are gone afterwards).
-    ``reference_limit`` runs ``onnx.reference`` (~5 ms per image) on the first that many images
-    only; its pairs then say so in ``n``. Nothing is raised on disagreement: check
-    ``result.passed`` or call ``result.raise_for_failure()``.
+    ``images``: uint8 (N, 28, 28) as loaded, or float32 NHWC, N >= 1. The ONNX files are
+    ``onnx_files`` (form -> path, as :func:`export.onnx_export.export_all` returns; each must be a
+    readable ONNX model, else ValueError naming it) or are exported into ``out_dir`` (a temporary
+    directory if None; then the paths in the result are gone afterwards); the LiteRT file goes to
+    ``out_dir`` too. ``reference_limit`` runs ``onnx.reference`` (~5 ms per image) on the first that
+    many images only; its pairs then say so in ``n``. The :data:`OPTIONAL_RUNTIMES` whose module is
+    missing, and those named in ``skip``, do not run and are listed in ``result.skipped`` with the
+    reason. Nothing is raised on disagreement: check ``result.passed`` or call ``result.raise_for_failure()``.
     """
     x = _as_images(images)
     temporary = onnx_files is None and out_dir is None
     if reference_limit is not None and reference_limit < 1:
         raise ValueError(f"reference_limit must be >= 1 or None, got {reference_limit}")
+    optional, skipped = _optional_runtimes(skip)
+    files = _check_onnx_files(onnx_files) if onnx_files is not None else None
+    versions: dict[str, str] = {}
+    litert: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if onnx_files is None:
-            onnx_files = export_all(keras_model, torch_model, out_dir if out_dir is not None else tmp)
-        missing = sorted(set(FORMS) - set(onnx_files))
-        if missing:
-            raise ValueError(f"onnx_files lacks the forms {missing}; expected {sorted(FORMS)}")
-        files = {form: str(path) for form, path in onnx_files.items()}
+        if files is None:
+            exported = export_all(keras_model, torch_model, out_dir if out_dir is not None else tmp)
+            files = {form: str(path) for form, path in exported.items()}
         ort_kwargs = {"batch_size": batch_size, "threads": threads}
         x_reference = x if reference_limit is None else x[:reference_limit]
         logits = {
@@ -203,14 +293,49 @@ def compare_runtimes(
             "onnx.reference": runtimes.run_onnx_reference(files["torch"], x_reference),
             "spec": runtimes.run_spec(keras_model, x),
         }
-    names = list(RUNTIMES)
+        versions.update(
+            {
+                "keras": _version("keras", "tensorflow"),
+                "torch": _version("torch"),
+                **{f"ort:{form}": _version("onnxruntime") for form in FORMS},
+                "onnx.reference": _version("onnx"),
+                "spec": _version("numpy"),
+            }
+        )
+        for form in FORMS:
+            if f"openvino:{form}" in optional:
+                logits[f"openvino:{form}"] = runtimes.run_openvino(files[form], x, **ort_kwargs)
+                versions[f"openvino:{form}"] = _version("openvino")
+        if "litert" in optional:
+            path = Path(out_dir if out_dir is not None else tmp) / LITERT_FILE
+            runtimes.export_litert(keras_model, path)
+            logits["litert"] = runtimes.run_litert(path, x, **ort_kwargs)
+            versions["litert"] = _version("ai-edge-litert", "tensorflow")
+            litert = {
+                "file": str(path),
+                "bn_form": runtimes.litert_batchnorm_form(path),
+                "ops": runtimes.litert_op_names(path),
+            }
+        if "keras:jax" in optional:
+            model_path = Path(tmp) / "model.keras"
+            keras_model.save(model_path)
+            logits["keras:jax"], jax_versions = runtimes.run_keras_backend(
+                model_path, x, backend="jax", batch_size=batch_size
+            )
+            versions["keras:jax"] = ", ".join(f"{k} {v}" for k, v in jax_versions.items())
+    names = [name for name in RUNTIMES if name in logits]
     pairs = [compare_pair(a, logits[a], b, logits[b], rtol=rtol) for i, a in enumerate(names) for b in names[i + 1 :]]
+    if out_dir is None:  # the LiteRT file was written to the temporary directory, gone now
+        litert.pop("file", None)
     return AgreementResult(
         runtimes=names,
         pairs=pairs,
         onnx_files={} if temporary else files,
         n_inputs=len(x),
         rtol=rtol,
-        counts={name: len(v) for name, v in logits.items()},
-        logits=logits,
+        counts={name: len(logits[name]) for name in names},
+        logits={name: logits[name] for name in names},
+        skipped=skipped,
+        versions={name: versions[name] for name in names},
+        litert=litert,
     )

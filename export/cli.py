@@ -345,6 +345,8 @@ def _agreement(keras_model: Any, torch_model: Any, dataset: Dataset, onnx_dir: P
         "n_inputs": int(result.n_inputs),
         # export.agreement.RTOL is the bound: max|a - b| <= rtol * max(1, max|logit|), argmax 100%.
         "tolerance": {"rel_to_max_logit": float(result.rtol), "argmax_agreement": 1.0},
+        # skipped runtimes (deploy extra missing), runtime versions, LiteRT BN form: reported as they come
+        "summary": result.summary(),
     }
 
 
@@ -429,6 +431,9 @@ def _build_report(
         "tolerance": agreement["tolerance"] if agreement else {},
         "agreement": agreement["pairs"] if agreement else [],
         "agreement_passed": bool(agreement and agreement["passed"]),
+        "skipped_runtimes": agreement["summary"]["skipped"] if agreement else [],
+        "runtime_versions": agreement["summary"]["runtime_versions"] if agreement else {},
+        "litert": agreement["summary"]["litert"] if agreement else {},
         "onnx_files": onnx_files,
         "files": files,
         "versions": rpt.collect_versions(),

@@ -87,9 +87,25 @@ def keras_batchnorm_params(model) -> list[BatchNormParams]:
                 mean=mean,
                 var=var,
                 epsilon=float(layer.epsilon),
+                producer=_conv_weights_before(layer),
             )
         )
     return params
+
+
+def _conv_weights_before(layer) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(weight (O, I, kh, kw), bias) of the channels-last Conv2D whose output this layer reads, else None."""
+    import keras
+
+    history = getattr(getattr(layer, "input", None), "_keras_history", None)
+    conv = history[0] if history else None
+    if not isinstance(conv, keras.layers.Conv2D) or type(conv) is not keras.layers.Conv2D:
+        return None  # Conv2DTranspose, SeparableConv2D ... are subclasses with other weight layouts
+    config = conv.get_config()
+    if config["data_format"] != "channels_last" or config.get("groups", 1) != 1:
+        return None
+    weight = np.asarray(conv.kernel.numpy(), np.float32).transpose(3, 2, 0, 1)  # (kh, kw, I, O) -> (O, I, kh, kw)
+    return weight, (None if conv.bias is None else np.asarray(conv.bias.numpy(), np.float32))
 
 
 def _keras_metadata(model) -> dict[str, str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -60,6 +60,9 @@ class BatchNormParams:
     mean: np.ndarray
     var: np.ndarray
     epsilon: float
+    #: the (weight, bias) of the Conv feeding this BN, in ONNX layout ((O, I/g, kh, kw), bias None if
+    #: absent), when known: lets :func:`restore_batchnorm` undo a fold the exporter did on its own.
+    producer: tuple[np.ndarray, np.ndarray | None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def channels(self) -> int:
@@ -316,6 +319,73 @@ def _adopt_batchnorm(graph, bn: onnx.NodeProto, layer: BatchNormParams, constant
         graph.node.remove(after)  # `before` is dropped as dead code once nothing reads it
 
 
+def _folded_conv(graph, scoped, layer: BatchNormParams) -> onnx.NodeProto | None:
+    """The Conv tf2onnx folded this BN into, if it did: no BN or affine node of the layer is left, and
+    one Conv is named in the layer's scope, writes a value named in it (``<layer>/FusedBatchNormV3:0``)
+    or reads a folded weight named in it (``<layer>/batchnorm/sub:0``, the shift as the Conv's bias).
+
+    tf2onnx folds BN into a Conv whose output reaches the BN directly once its transpose optimizer has
+    moved the NCHW->NHWC Transpose past the BN: that happens when Flatten (or the graph output), not
+    ReLU/pooling, follows the BN.
+    """
+    if any(n.op_type in ("BatchNormalization", "Mul", "Add", "Sub", "Div") for n in scoped):
+        return None
+    in_scope = re.compile(rf"(.*/)?{re.escape(layer.name)}(_\d+)?/.*")
+
+    def names_layer(conv: onnx.NodeProto) -> bool:  # by its name, output or folded weights' names
+        return any(in_scope.fullmatch(v) for v in (conv.name, conv.output[0], *conv.input[1:]))
+
+    convs = [n for n in graph.node if n.op_type == "Conv" and names_layer(n)]
+    return convs[0] if len(convs) == 1 else None
+
+
+def _unfold_conv(graph, conv: onnx.NodeProto, layer: BatchNormParams, constants, rtol: float) -> None:
+    """Put the layer's own Conv weights back into ``conv`` and a BatchNormalization node after it.
+
+    Checked first: the exporter's weights must be W * s and (b - mean) * s + beta of this layer's
+    Conv and BN within ``rtol`` (the exporter folds in float32), else the weights belong elsewhere.
+    """
+    if layer.producer is None:
+        raise ValueError(
+            f"BN layer {layer.name!r} was folded by the exporter into Conv {conv.name!r}, and the Conv's own "
+            "weights are not known (BatchNormParams.producer), so the BN cannot be restored"
+        )
+    weight, bias = (np.asarray(a, np.float64) if a is not None else None for a in layer.producer)
+    bias = np.zeros(layer.channels) if bias is None else bias.reshape(-1)
+    folded_w = constants.get(conv.input[1])
+    folded_b = constants.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(layer.channels)
+    if folded_w is None or folded_b is None or folded_w.shape != weight.shape:
+        raise ValueError(f"BN layer {layer.name!r}: Conv {conv.name!r} has no constant weight of shape {weight.shape}")
+    scale, shift = layer.affine()
+    channel = (-1,) + (1,) * (weight.ndim - 1)
+    want_w, want_b = weight * scale.reshape(channel), bias * scale + shift
+    mean, beta = (np.abs(np.asarray(a, np.float64).reshape(-1)) for a in (layer.mean, layer.beta))
+    b_tol = rtol * ((np.abs(bias) + mean) * np.abs(scale) + beta) + 1e-30
+    w_ok = np.all(np.abs(folded_w - want_w) <= rtol * np.abs(want_w) + 1e-30)
+    if not (w_ok and np.all(np.abs(folded_b.reshape(-1) - want_b) <= b_tol)):
+        raise ValueError(
+            f"BN layer {layer.name!r}: Conv {conv.name!r} weights are not this layer's Conv folded with its "
+            "statistics; the weights do not belong to this export"
+        )
+    names = {i.name for i in graph.initializer} | {v for n in graph.node for v in (*n.input, *n.output)}
+    w_name, b_name, z_name = (f"{layer.name}.conv.{role}" for role in ("weight", "bias", "input"))
+    if names & {w_name, b_name, z_name}:
+        raise ValueError(f"BN layer {layer.name!r}: the graph already uses the names {sorted(names & {w_name})}")
+    graph.initializer.append(numpy_helper.from_array(np.asarray(layer.producer[0], np.float32), w_name))
+    graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), b_name))
+    y_name = conv.output[0]
+    conv.input[1:] = [w_name, b_name]
+    conv.output[0] = z_name
+    bn = helper.make_node(
+        "BatchNormalization",
+        [z_name, *_add_bn_initializers(graph, layer)],
+        [y_name],
+        name=layer.name,
+        epsilon=float(layer.epsilon),
+    )
+    graph.node.insert(list(graph.node).index(conv) + 1, bn)
+
+
 def restore_batchnorm(
     model: onnx.ModelProto, layers: Sequence[BatchNormParams], *, rtol: float = 1e-5
 ) -> onnx.ModelProto:
@@ -330,6 +400,9 @@ def restore_batchnorm(
     - ``keras_bn.BatchNorm`` runs TF's fused kernel, which tf2onnx already maps to the node; we
       check that its inputs are the layer's weights and remove the (N, C) <-> (N, C, 1, 1)
       Reshapes around it for Dense inputs.
+    - Either layer right after a Conv and before Flatten: tf2onnx folds it into the Conv itself.
+      With the Conv's weights in ``layer.producer`` we check the fold and undo it (the Conv gets its
+      own weights back, the node follows it).
 
     Initializers are renamed ``<layer>.scale/.bias/.mean/.var`` and nodes ``<layer>``. Returns a
     new model; ``model`` is not modified.
@@ -346,8 +419,11 @@ def restore_batchnorm(
         nodes = [n for n in scoped if n.op_type == "BatchNormalization"]
         if len(nodes) > 1:
             raise ValueError(f"BN layer {layer.name!r} exported as {len(nodes)} BatchNormalization nodes")
+        folded_into = None if nodes else _folded_conv(graph, scoped, layer)
         if nodes:
             _adopt_batchnorm(graph, nodes[0], layer, constants, shapes)
+        elif folded_into is not None:
+            _unfold_conv(graph, folded_into, layer, constants, rtol)
         else:
             _replace_affine_chain(graph, scoped, layer, constants, shapes, rtol)
     _drop_unused(graph)

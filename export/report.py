@@ -198,6 +198,25 @@ def _worst_pair_line(pairs: list[Mapping[str, Any]]) -> list[str]:
     ]
 
 
+def _skipped_runtimes_lines(report: Mapping[str, Any]) -> list[str]:
+    """One line naming the runtimes that did not run and why, the runtime versions, LiteRT's BN form."""
+    lines = []
+    skipped = report.get("skipped_runtimes") or []
+    if skipped:
+        reasons: dict[str, list[str]] = {}
+        for entry in skipped:
+            reasons.setdefault(entry["reason"], []).append(f"`{entry['runtime']}`")
+        lines += ["Skipped runtimes: " + "; ".join(f"{', '.join(v)}: {k}" for k, v in reasons.items()) + ".", ""]
+    by_version: dict[str, list[str]] = {}
+    for runtime, version in (report.get("runtime_versions") or {}).items():
+        by_version.setdefault(version, []).append(f"`{runtime}`")
+    if by_version:
+        lines += ["Runtime versions: " + "; ".join(f"{', '.join(v)}: {k}" for k, v in by_version.items()) + ".", ""]
+    if (report.get("litert") or {}).get("bn_form"):
+        lines += [f"LiteRT converter BN form: {report['litert']['bn_form']}.", ""]
+    return lines
+
+
 def _agreement_lines(report: Mapping[str, Any]) -> list[str]:
     lines = ["", "## Agreement across runtimes (LeNet-BN, logits)", ""]
     if report["status"] == "diverged":
@@ -210,6 +229,7 @@ def _agreement_lines(report: Mapping[str, Any]) -> list[str]:
         "",
         "Runtimes: " + ", ".join(f"`{r}`" for r in report["runtimes"]) + ".",
         "",
+        *_skipped_runtimes_lines(report),
         *_worst_pair_line(report["agreement"]),
         "| a | b | max abs Δ | max rel Δ | max abs logit | argmax agreement | worst input | pass |",
         "|---|---|---|---|---|---|---|---|",

@@ -10,26 +10,48 @@ computed by ``spec.batch_norm_infer``, in float64.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 __all__ = [
+    "OPTIONAL_RUNTIMES",
+    "export_litert",
+    "litert_batchnorm_form",
+    "litert_linear_ops",
+    "litert_op_names",
+    "load_onnx",
+    "missing_module",
     "onnx_layout",
     "ort_session",
     "run_keras",
+    "run_keras_backend",
+    "run_litert",
     "run_onnx_reference",
+    "run_openvino",
     "run_ort",
     "run_spec",
     "run_torch",
 ]
+
+#: runtime family -> the module it needs (installed by the ``deploy`` extra).
+OPTIONAL_RUNTIMES: dict[str, str] = {"litert": "ai_edge_litert", "openvino": "openvino", "keras:jax": "jax"}
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.float32:
         raise ValueError(f"images must be float32 NHWC (N, H, W, C), got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise ValueError("images is empty: at least one image is needed")
     return images
 
 
@@ -108,10 +130,8 @@ def run_ort(
     optimize: bool = False,
 ) -> np.ndarray:
     """ONNX Runtime on an exported file (see :func:`ort_session` for ``optimize``)."""
-    import onnx
-
     images = _check_images(images)
-    layout = onnx_layout(onnx.load(str(path), load_external_data=False))
+    layout = onnx_layout(load_onnx(path))
     session = ort_session(path, threads=threads, optimize=optimize)
     name = session.get_inputs()[0].name
     return _batched(lambda x: session.run(None, {name: _to_layout(x, layout)})[0], images, batch_size)
@@ -119,15 +139,247 @@ def run_ort(
 
 def run_onnx_reference(path: str | os.PathLike[str], images: np.ndarray, *, batch_size: int = 500) -> np.ndarray:
     """``onnx.reference.ReferenceEvaluator``: the ONNX operators' Python reference (slow: ~5 ms per image)."""
-    import onnx
     from onnx.reference import ReferenceEvaluator
 
     images = _check_images(images)
-    model = onnx.load(str(path))
+    model = load_onnx(path)
     layout = onnx_layout(model)
     evaluator = ReferenceEvaluator(model)
     name = model.graph.input[0].name
     return _batched(lambda x: evaluator.run(None, {name: _to_layout(x, layout)})[0], images, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional deployment runtimes (the ``deploy`` extra): LiteRT, OpenVINO, Keras on another backend
+
+
+def missing_module(module: str) -> str | None:
+    """Why ``module`` cannot be used (one line), or None when it imports.
+
+    ``jax`` is only looked up, not imported: it runs in a subprocess (:func:`run_keras_backend`), and
+    importing it beside TensorFlow would cost seconds for nothing.
+    """
+    hint = "install the deploy extra: pip install 'keras-bn[deploy]'"
+    try:
+        if module == "jax":
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed ({hint})"
+            return None
+        importlib.import_module(module)
+    except ImportError as error:
+        return f"{module} cannot be imported ({error}; {hint})"
+    return None
+
+
+def _interpreter(path: str | os.PathLike[str], threads: int | None, *, delegates: bool = True):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.AUTO if delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    return Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver)
+
+
+def export_litert(model, path: str | os.PathLike[str]) -> Path:
+    """``model.export(path, format="litert")``: float32 .tflite with a dynamic batch axis, NHWC in, logits out."""
+    import warnings
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.export(str(path), format="litert", verbose=False)
+    return path
+
+
+def run_litert(
+    path: str | os.PathLike[str], images: np.ndarray, *, batch_size: int = 1000, threads: int | None = None
+) -> np.ndarray:
+    """The LiteRT interpreter on a .tflite file, default delegates on (XNNPACK runs every float32 op here)."""
+    images = _check_images(images)
+    interpreter = _interpreter(path, threads)
+    (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+    allocated = [-1]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if allocated[0] != len(x):  # the batch axis is dynamic (-1): size the tensors per batch length
+            interpreter.resize_tensor_input(source["index"], [len(x), *source["shape"][1:]])
+            interpreter.allocate_tensors()
+            allocated[0] = len(x)
+        interpreter.set_tensor(source["index"], np.ascontiguousarray(x))
+        interpreter.invoke()
+        return interpreter.get_tensor(target["index"]).copy()
+
+    return _batched(run, images, batch_size)
+
+
+_LITERT_LINEAR = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+_LITERT_AFFINE = ("MUL", "ADD", "SUB", "DIV")
+
+
+def litert_linear_ops(path: str | os.PathLike[str]) -> list[dict]:
+    """Each Conv/FullyConnected op of a .tflite file in graph order, with what follows it per channel.
+
+    Returns dicts ``{"op", "weight", "bias", "scale", "shift"}``: the op's constant weight (LiteRT
+    layout: (O, kh, kw, I) or (O, I)) and bias (None if absent), and the constant operand of a MUL
+    (``scale``) or ADD (``shift``) applied to its output, if the converter left one (after
+    shape-only RESHAPEs). Read without delegates, so the tensors are the file's own buffers.
+    """
+    interpreter = _interpreter(path, 1, delegates=False)
+    interpreter.allocate_tensors()
+    ops = interpreter._get_ops_details()  # the only public-enough view of the op list without a schema parser
+    produced = {i for op in ops for i in op["outputs"]}
+    inputs = {d["index"] for d in interpreter.get_input_details()}
+
+    def const(index: int) -> np.ndarray | None:
+        if index < 0 or index in produced or index in inputs:
+            return None
+        return np.array(interpreter.get_tensor(index))
+
+    readers: dict[int, list[dict]] = {}
+    for op in ops:
+        for i in op["inputs"]:
+            readers.setdefault(i, []).append(op)
+
+    def follow(value: int) -> tuple[str | None, np.ndarray | None, int]:
+        """The first per-channel MUL/ADD reading ``value`` (through RESHAPE/SHAPE readers only)."""
+        for op in readers.get(value, []):
+            if op["op_name"] == "RESHAPE":
+                found = follow(op["outputs"][0])
+                if found[0]:
+                    return found
+            elif op["op_name"] in _LITERT_AFFINE:
+                other = [i for i in op["inputs"] if i != value]
+                operand = const(other[0]) if len(other) == 1 else None
+                if operand is not None:
+                    return op["op_name"], operand, op["outputs"][0]
+        return None, None, value
+
+    found = []
+    for op in ops:
+        if op["op_name"] not in _LITERT_LINEAR:
+            continue
+        weight, bias = const(op["inputs"][1]), (const(op["inputs"][2]) if len(op["inputs"]) > 2 else None)
+        entry = {"op": op["op_name"], "weight": weight, "bias": bias, "scale": None, "shift": None}
+        kind, operand, out = follow(op["outputs"][0])
+        while kind in ("MUL", "ADD"):
+            key = "scale" if kind == "MUL" else "shift"
+            if entry[key] is not None:
+                break
+            entry[key] = operand.reshape(-1)
+            kind, operand, out = follow(out)
+        if kind in ("SUB", "DIV"):
+            raise ValueError(f"{path}: a {kind} by a constant follows {op['op_name']}; not a BN form this reads")
+        found.append(entry)
+    return found
+
+
+def litert_op_names(path: str | os.PathLike[str]) -> list[str]:
+    """The builtin op names of a .tflite file, in execution order."""
+    interpreter = _interpreter(path, 1, delegates=False)
+    return [op["op_name"] for op in interpreter._get_ops_details()]
+
+
+def litert_batchnorm_form(path: str | os.PathLike[str]) -> str:
+    """How the LiteRT converter kept BN, read from the ops of the file.
+
+    ``"folded"``: no per-channel MUL/ADD after any Conv/FullyConnected (BN lives in their weights);
+    ``"scale kept as MUL, shift folded into the bias"``; ``"kept as MUL and ADD"``.
+    """
+    ops = litert_linear_ops(path)
+    scale = any(op["scale"] is not None for op in ops)
+    shift = any(op["shift"] is not None for op in ops)
+    if not scale and not shift:
+        return "folded"
+    if scale and not shift:
+        return "scale kept as MUL, shift folded into the bias"
+    return "kept as MUL and ADD"
+
+
+def run_openvino(
+    path: str | os.PathLike[str], images: np.ndarray, *, batch_size: int = 1000, threads: int | None = None
+) -> np.ndarray:
+    """OpenVINO's CPU plugin compiling the ONNX file directly, inference precision forced to float32.
+
+    The CPU plugin's default ``INFERENCE_PRECISION_HINT`` is bfloat16 on CPUs with AVX512_BF16/AMX,
+    which would compare bf16 logits (8-bit mantissa) against float32 ones; f32 is what is compared here.
+    """
+    import openvino
+
+    images = _check_images(images)
+    layout = onnx_layout(load_onnx(path))
+    config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = openvino.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        request.infer({0: _to_layout(x, layout)})
+        return np.array(request.get_output_tensor(0).data)
+
+    return _batched(run, images, batch_size)
+
+
+def run_keras_backend(
+    model_path: str | os.PathLike[str],
+    images: np.ndarray,
+    *,
+    backend: str = "jax",
+    batch_size: int = 1000,
+    timeout: float = 600.0,
+) -> tuple[np.ndarray, dict[str, str]]:
+    """A saved ``.keras`` model's ``predict`` under another Keras backend, in a subprocess.
+
+    A process has one Keras backend (chosen at import from ``KERAS_BACKEND``), so the model file is
+    loaded by ``python -m export.runtimes`` with ``KERAS_BACKEND=backend``. Returns (logits, versions).
+    """
+    images = _check_images(images)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    with tempfile.TemporaryDirectory() as tmp:
+        x_path, y_path = Path(tmp) / "images.npy", Path(tmp) / "logits.npy"
+        np.save(x_path, images)
+        command = [sys.executable, "-m", "export.runtimes", str(model_path), str(x_path), str(y_path), str(batch_size)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+            raise RuntimeError(f"Keras on {backend} failed on {model_path} (exit {done.returncode}):\n{tail}")
+        return np.load(y_path), json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _keras_worker(model_path: str, x_path: str, y_path: str, batch_size: str) -> None:
+    """Body of :func:`run_keras_backend`'s subprocess: load, predict, save; print versions as JSON."""
+    import keras
+
+    import keras_bn  # noqa: F401  (registers keras_bn.BatchNorm for deserialization)
+
+    backend = keras.backend.backend()
+    if backend != os.environ.get("KERAS_BACKEND"):
+        raise SystemExit(f"asked for Keras backend {os.environ.get('KERAS_BACKEND')!r}, got {backend!r}")
+    model = keras.saving.load_model(model_path)
+    logits = model.predict(np.load(x_path), batch_size=int(batch_size), verbose=0)
+    np.save(y_path, np.asarray(logits))
+    framework = importlib.import_module(backend)
+    print(json.dumps({"keras": keras.__version__, backend: getattr(framework, "__version__", "unknown")}))
+
+
+def load_onnx(path: str | os.PathLike[str], *, what: str = "ONNX file"):
+    """``onnx.load`` that names the file when it is missing, empty, corrupt or has no graph input."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {path} is empty (0 bytes)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as error:
+        raise ValueError(f"{what} {path} is not a readable ONNX model: {error}") from error
+    if not model.graph.input or not model.graph.output:
+        raise ValueError(f"{what} {path} is not an ONNX model: it has no graph inputs or outputs")
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,3 +478,7 @@ def run_spec(model, images: np.ndarray, *, batch_size: int = 500) -> np.ndarray:
         return x
 
     return _batched(forward, images, batch_size)
+
+
+if __name__ == "__main__":  # the run_keras_backend worker: python -m export.runtimes MODEL IMAGES LOGITS BATCH
+    _keras_worker(*sys.argv[1:5])

@@ -153,3 +153,64 @@ def test_our_ir_version_is_the_minimum_for_the_opset_and_loads_whatever_the_runt
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.array([[-1.0, 0.0, 2.0]], np.float32)
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], [[0.0, 0.0, 2.0]])
+
+
+def _conv_bn_flatten(batch_norm: str, rng: np.random.Generator):
+    """Conv2D -> BN -> Flatten with statistics far from the identity: tf2onnx folds this BN into the Conv."""
+    import keras
+
+    import keras_bn
+
+    layer = keras_bn.BatchNorm(name="bn") if batch_norm == "ours" else keras.layers.BatchNormalization(name="bn")
+    inputs = keras.Input((10, 10, 1))
+    outputs = keras.layers.Flatten(name="flat")(layer(keras.layers.Conv2D(4, 3, name="conv")(inputs)))
+    model = keras.Model(inputs, outputs, name=f"conv_bn_flatten_{batch_norm}")
+    conv = model.get_layer("conv")
+    conv.set_weights([rng.normal(0, 0.5, (3, 3, 1, 4)).astype(np.float32), np.zeros(4, np.float32)])
+    stats = [rng.uniform(0.5, 2, 4), rng.normal(0, 1, 4), rng.normal(0, 2, 4), rng.uniform(0.2, 3, 4)]
+    layer.set_weights([s.astype(np.float32) for s in stats])  # gamma, beta, moving mean, moving variance
+    return model
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["bn-kept", "bn-folded"])
+@pytest.mark.parametrize("batch_norm", ["ours", "keras"], ids=["keras_bn.BatchNorm", "keras.BatchNormalization"])
+def test_conv_bn_flatten_exports_with_bn_kept_or_folded(batch_norm, fold, rng, tmp_path):
+    from export.onnx_export import export_keras
+    from export.runtimes import run_ort, run_spec
+
+    model = _conv_bn_flatten(batch_norm, rng)
+    exported_model = onnx.load(export_keras(model, tmp_path / "m.onnx", fold=fold))
+    nodes = batchnorm_nodes(exported_model)
+    assert len(nodes) == (0 if fold else 1)
+    if not fold:  # the Conv has its own weights back (tf2onnx had folded the BN into them)
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in exported_model.graph.initializer}
+        conv = next(n for n in exported_model.graph.node if n.op_type == "Conv")
+        kernel, bias = model.get_layer("conv").get_weights()
+        np.testing.assert_array_equal(inits[conv.input[1]], kernel.transpose(3, 2, 0, 1))
+        np.testing.assert_array_equal(inits[conv.input[2]], bias)
+        assert nodes[0].input[0] == conv.output[0]
+    x = rng.uniform(0, 1, (16, 10, 10, 1)).astype(np.float32)
+    expected = run_spec(model, x)  # float64, BN by spec.batch_norm_infer
+    got = run_ort(tmp_path / "m.onnx", x)
+    # float32 sums of 9 products, BN scale up to ~4: re-association error ~1e-6 of the output scale; 1e-5 bound.
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * max(1.0, float(np.abs(expected).max())))
+
+
+def test_restore_refuses_a_conv_fold_with_other_weights(rng, tmp_path):
+    """An exporter-folded Conv is only unfolded when its weights are this layer's Conv folded with this BN."""
+    import tensorflow as tf
+
+    model = _conv_bn_flatten("keras", rng)
+    signature = [tf.TensorSpec((None, 10, 10, 1), tf.float32, name="images")]
+    path = tmp_path / "raw.onnx"
+    model.export(str(path), format="onnx", verbose=False, input_signature=signature, opset_version=OPSET)
+    raw = onnx.load(path)
+    assert [n.op_type for n in raw.graph.node if n.op_type in ("Conv", "Mul", "Add", "BatchNormalization")] == ["Conv"]
+    (params,) = keras_batchnorm_params(model)
+    weight, bias = params.producer
+    wrong = BatchNormParams(**{**params.__dict__, "producer": (weight * 1.001, bias)})
+    with pytest.raises(ValueError, match="'bn'.*not this layer's Conv folded"):
+        restore_batchnorm(raw, [wrong])
+    unknown = BatchNormParams(**{**params.__dict__, "producer": None})
+    with pytest.raises(ValueError, match="'bn' was folded by the exporter into Conv"):
+        restore_batchnorm(raw, [unknown])
