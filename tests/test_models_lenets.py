@@ -2,7 +2,7 @@
 
 Oracles: parameter counts written out by hand; PyTorch (a peer framework) for the resize and for the logits of the
 Keras models after weight transfer; spec's d2l convention (through the Keras layer, an independent implementation)
-for the from-scratch BN's moving averages.
+for the from-scratch BN's moving averages; the float64 NumPy forward ``export.runtimes.run_spec``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import keras_bn
 import torch_ref
 from export import recipes
+from export.runtimes import run_spec
 from keras_bn.model import BilinearResize
 from torch_ref.model import D2LBatchNorm1d, D2LBatchNorm2d
 
@@ -201,6 +202,18 @@ def test_transfer_round_trip_is_bit_exact_and_logits_agree(model, flavour):
     scale = max(1.0, float(np.abs(keras_logits).max()))
     np.testing.assert_allclose(torch_logits, keras_logits, rtol=0, atol=1e-5 * scale)
     assert (torch_logits.argmax(1) == keras_logits.argmax(1)).all()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_spec_forward_matches_keras(model):
+    """export.runtimes.run_spec (float64 NumPy, BN by spec) knows sigmoid, tanh, average pooling and the resize."""
+    k = _keras(model, "ours", seed=6)
+    _randomize_bn(k, seed=7)
+    x = _images(8, seed=8)
+    expected = run_spec(k, x)
+    # float32 Keras against float64: logits of O(1-10) agree to ~1e-6; 1e-5 of the scale as for every runtime.
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(np.asarray(k(x, training=False)), expected, rtol=0, atol=1e-5 * scale)
 
 
 # --- bad arguments ------------------------------------------------------------------------------------------------
