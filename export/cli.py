@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from export import recipes
 from export import report as rpt
 from export.data import DATASET_NAMES, Dataset, load_dataset, to_nhwc_float
 
@@ -97,10 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument(
+        "--model",
+        choices=tuple(recipes.RECIPES),
+        default="lenet-bn",
+        help="which LeNet, trained by its source's recipe (export/recipes.py): lenet-bn (SGD 0.05 momentum 0.9, "
+        "batch 32, MNIST), d2l-lenet-bn (SGD 1.0, batch 256, Fashion-MNIST), lenet5 (Adam 1e-3, batch 64, MNIST); "
+        "every flag below overrides its recipe (default: lenet-bn)",
+    )
+    run.add_argument(
         "--dataset",
         choices=DATASET_NAMES,
-        default="digits",
-        help="digits: embedded default (offline); mnist / fashion: needs --data-dir or --download (default: digits)",
+        help="digits: embedded default (offline); mnist / fashion: needs --data-dir or --download (default: the "
+        "recipe's with --data-dir/--download, else digits)",
     )
     run.add_argument(
         "--data-dir",
@@ -113,13 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="download mnist/fashion (md5-verified, atomic writes) into --data-dir or ~/.cache/keras-bn/NAME",
     )
-    run.add_argument("--epochs", type=_positive_int, default=10, help="training epochs for each model (default: 10)")
-    run.add_argument("--batch-size", type=_positive_int, default=32, help="training batch size (default: 32)")
+    run.add_argument("--epochs", type=_positive_int, help="training epochs for each model (default: the recipe's)")
+    run.add_argument("--batch-size", type=_positive_int, help="training batch size (default: the recipe's)")
     run.add_argument(
         "--lr",
         type=_positive_float,
-        default=0.05,
-        help="SGD learning rate (momentum 0.9), same for both models (default: 0.05)",
+        help="learning rate of the recipe's optimizer, same for both models (default: the recipe's)",
     )
     run.add_argument(
         "--out", type=Path, default=Path("keras-bn-out"), help="output directory (default: ./keras-bn-out)"
@@ -194,11 +202,9 @@ def _train(
     """Build, fit and evaluate one LeNet; returns (model, per-epoch history, test accuracy)."""
     import keras
 
-    from keras_bn import compile_lenet, lenet_bn
-
     # Same global seed before each model: same shuffling order and same dropout-free init for both.
     keras.utils.set_random_seed(args.seed)
-    model = compile_lenet(lenet_bn(batch_norm=batch_norm, seed=args.seed), optimizer="sgd", lr=args.lr, momentum=0.9)
+    model = args.recipe.recipe.build_keras(batch_norm, seed=args.seed, lr=args.lr)
     x_train, x_test = to_nhwc_float(dataset.x_train), to_nhwc_float(dataset.x_test)
     history = model.fit(
         x_train,
@@ -215,10 +221,10 @@ def _train(
 
 
 def _to_torch(keras_model: Any) -> Any:
-    """A PyTorch LeNet-BN (our autograd BN) holding exactly the Keras model's weights and moving statistics."""
+    """The PyTorch twin (our autograd BN) holding exactly the Keras model's weights and moving statistics."""
     import torch_ref
 
-    torch_model = torch_ref.lenet_bn(batch_norm="ours")
+    torch_model = recipes.for_keras_model(keras_model).build_torch()
     torch_ref.keras_to_torch(keras_model, torch_model)
     return torch_model.eval()
 
@@ -254,6 +260,14 @@ def _failure_message(pairs: list[dict[str, Any]]) -> str:
 def run_main_job(args: argparse.Namespace) -> int:
     """The ``run`` command; returns the exit status (raises UsageError for bad input)."""
     log = _Log(args.quiet)
+    # --model: the recipe supplies every training flag the user left out (export/recipes.py).
+    args.recipe = recipes.resolve(
+        args.model, dataset=args.dataset, data_dir=args.data_dir, download=args.download, lr=args.lr,
+        batch_size=args.batch_size, epochs=args.epochs,
+    )  # fmt: skip
+    args.dataset, args.lr, args.batch_size, args.epochs = (
+        args.recipe.dataset, args.recipe.lr, args.recipe.batch_size, args.recipe.epochs,
+    )  # fmt: skip
     if args.dataset == "digits" and (args.data_dir is not None or args.download):
         raise UsageError("--dataset digits is the embedded default; it takes no --data-dir or --download")
     if args.data_dir is not None and not args.download and not args.data_dir.is_dir():
@@ -278,6 +292,8 @@ def run_main_job(args: argparse.Namespace) -> int:
             f"{args.dataset} data",
             file=sys.stderr,
         )
+    if args.recipe.dataset_note:
+        print(f"[keras-bn] note: {args.recipe.dataset_note}", file=sys.stderr)
     dataset = dataset.limit(args.limit)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -288,11 +304,11 @@ def run_main_job(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t0 = time.perf_counter()
-    log(f"training LeNet-BN ({args.bn_layer} BN layer), {args.epochs} epochs")
+    log(f"training {args.recipe.recipe.title} with BN ({args.bn_layer} BN layer), {args.epochs} epochs")
     bn_model, bn_hist, bn_acc = _train(dataset, args.bn_layer, args, log)
     timings["train_bn"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    log(f"training LeNet without BN, {args.epochs} epochs")
+    log(f"training {args.recipe.recipe.title} without BN, {args.epochs} epochs")
     plain_model, plain_hist, plain_acc = _train(dataset, None, args, log)
     timings["train_no_bn"] = time.perf_counter() - t0
 
@@ -339,12 +355,14 @@ def run_main_job(args: argparse.Namespace) -> int:
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "lr": args.lr,
-            "optimizer": "sgd",
-            "sgd_momentum": 0.9,
+            "model": args.model,
+            "recipe": args.recipe.to_config(),
+            "optimizer": args.recipe.recipe.optimizer,
+            "sgd_momentum": args.recipe.recipe.sgd_momentum,
             "seed": args.seed,
             "limit": args.limit,
             "bn_layer": args.bn_layer,
-            "convention": "keras",
+            "convention": getattr(bn_model.get_layer("bn1"), "convention", "keras"),
             "bn_momentum": float(bn_model.get_layer("bn1").momentum),
             "epsilon": float(bn_model.get_layer("bn1").epsilon),
         },
@@ -360,7 +378,7 @@ def run_main_job(args: argparse.Namespace) -> int:
         "timings_s": timings,
     }
     t0 = time.perf_counter()
-    rpt.write_plot(per_epoch, out / rpt.PLOT_PNG, f"LeNet with vs without BN on {dataset.name}")
+    rpt.write_plot(per_epoch, out / rpt.PLOT_PNG, f"{args.recipe.recipe.title} with vs without BN on {dataset.name}")
     timings["report"] = time.perf_counter() - t0
     rpt.write_json(report, out / rpt.REPORT_JSON)
     rpt.write_markdown(report, out / rpt.REPORT_MD)

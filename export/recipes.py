@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["RECIPES", "Recipe", "Resolved", "resolve"]
+__all__ = ["RECIPES", "Recipe", "Resolved", "for_keras_model", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,18 @@ RECIPES: dict[str, Recipe] = {
         ),
     )
 }
+
+
+#: Keras model name stem (keras_bn.model names models "<stem>" or "<stem>_bn_<batch_norm>") -> recipe name
+_KERAS_STEMS = {"lenet": "lenet-bn", "d2l_lenet": "d2l-lenet-bn", "lenet5": "lenet5"}
+
+
+def for_keras_model(model: Any) -> Recipe:
+    """The recipe of a model built by ``keras_bn.model`` (recognized by its name), e.g. to build its PyTorch twin."""
+    stem = model.name.split("_bn_")[0] if "_bn_" in model.name else model.name
+    if stem not in _KERAS_STEMS:
+        raise ValueError(f"model {model.name!r} was not built by keras_bn.model's LeNet builders")
+    return RECIPES[_KERAS_STEMS[stem]]
 
 
 @dataclass(frozen=True)

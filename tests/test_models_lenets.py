@@ -7,6 +7,8 @@ for the from-scratch BN's moving averages; the float64 NumPy forward ``export.ru
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -292,3 +294,36 @@ def test_resolve_applies_flags_over_the_recipe(given, expected):
 def test_resolve_rejects_an_unknown_model():
     with pytest.raises(ValueError, match="--model must be one of"):
         recipes.resolve("alexnet")
+
+
+# --- end to end: keras-bn run --model (slow: trains two nets, exports four ONNX files, runs eight runtimes) --------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "data"),
+    [("d2l-lenet-bn", "shared"), ("lenet5", "shared"), ("lenet5", "embedded")],
+    ids=["d2l-lenet-bn-fashion", "lenet5-mnist", "lenet5-embedded-digits"],
+)
+def test_cli_runs_each_recipe_end_to_end(model, data, tmp_path, capsys, request):
+    from export import cli
+
+    recipe = recipes.RECIPES[model]
+    argv = ["run", "--model", model, "--limit", "64", "--epochs", "1", "--out", str(tmp_path / "out"), "--quiet"]
+    if data == "shared":
+        data_dir = request.getfixturevalue(f"{recipe.dataset}_dir").parent  # mnist_dir / fashion_dir (conftest)
+        argv += ["--data-dir", str(data_dir)]  # no --dataset: the recipe picks it
+    assert cli.main(argv) == cli.EXIT_OK, capsys.readouterr().err[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    config = report["config"]
+    assert (config["model"], config["recipe"]["name"], config["optimizer"]) == (model, model, recipe.optimizer)
+    assert (config["lr"], config["batch_size"], config["epochs"]) == (recipe.lr, recipe.batch_size, 1)  # --epochs won
+    expected_dataset = recipe.dataset if data == "shared" else "digits"
+    assert report["dataset"]["name"] == expected_dataset and report["dataset"]["n_test"] == 64
+    assert (config["recipe"]["dataset_note"] is None) == (data == "shared")
+    if data == "embedded":
+        assert recipe.dataset in capsys.readouterr().err  # the user is told the recipe's data was not available
+    assert config["convention"] == ("d2l" if model == "d2l-lenet-bn" else "keras")
+    assert report["agreement_passed"] is True and "spec" in report["runtimes"]
+    assert all(p["passed"] and p["argmax_agreement"] == 1.0 for p in report["agreement"])
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 0
