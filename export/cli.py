@@ -292,8 +292,8 @@ def run_main_job(args: argparse.Namespace) -> int:
             f"{args.dataset} data",
             file=sys.stderr,
         )
-    if args.recipe.dataset_note:
-        print(f"[keras-bn] note: {args.recipe.dataset_note}", file=sys.stderr)
+    if args.recipe.dataset_note:  # a default, not an error: on stdout like the other steps (report.json keeps it)
+        log(f"note: {args.recipe.dataset_note}")
     dataset = dataset.limit(args.limit)
     try:
         out.mkdir(parents=True, exist_ok=True)
