@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export import outdir
+from export import outdir, recipes
 from export import report as rpt
 from export.data import DATASET_NAMES, Dataset, load_dataset, to_nhwc_float
 from export.machine import machine_info
@@ -144,10 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument(
+        "--model",
+        choices=tuple(recipes.RECIPES),
+        default="lenet-bn",
+        help="which LeNet, trained by its source's recipe (export/recipes.py): lenet-bn (SGD 0.05 momentum 0.9, "
+        "batch 32, MNIST), d2l-lenet-bn (SGD 1.0, batch 256, Fashion-MNIST), lenet5 (Adam 1e-3, batch 64, MNIST); "
+        "every flag below overrides its recipe (default: lenet-bn)",
+    )
+    run.add_argument(
         "--dataset",
         choices=DATASET_NAMES,
-        default="digits",
-        help="digits: embedded default (offline); mnist / fashion: needs --data-dir or --download (default: digits)",
+        help="digits: embedded default (offline); mnist / fashion: needs --data-dir or --download (default: the "
+        "recipe's with --data-dir/--download, else digits)",
     )
     run.add_argument(
         "--data-dir",
@@ -160,13 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="download mnist/fashion (md5-verified, atomic writes) into --data-dir or ~/.cache/keras-bn/NAME",
     )
-    run.add_argument("--epochs", type=_positive_int, default=10, help="training epochs for each model (default: 10)")
-    run.add_argument("--batch-size", type=_positive_int, default=32, help="training batch size (default: 32)")
+    run.add_argument("--epochs", type=_positive_int, help="training epochs for each model (default: the recipe's)")
+    run.add_argument("--batch-size", type=_positive_int, help="training batch size (default: the recipe's)")
     run.add_argument(
         "--lr",
         type=_positive_float,
-        default=0.05,
-        help="SGD learning rate (momentum 0.9), same for both models; finite and > 0 (default: 0.05)",
+        help="learning rate of the recipe's optimizer, same for both models; finite and > 0 (default: the recipe's)",
     )
     run.add_argument(
         "--out",
@@ -298,11 +305,9 @@ def _train(dataset: Dataset, batch_norm: str | None, args: argparse.Namespace, l
     """Build, fit and evaluate one LeNet, stopping at the first non-finite loss."""
     import keras
 
-    from keras_bn import compile_lenet, lenet_bn
-
     # Same global seed before each model: same shuffling order and same dropout-free init for both.
     keras.utils.set_random_seed(args.seed)
-    model = compile_lenet(lenet_bn(batch_norm=batch_norm, seed=args.seed), optimizer="sgd", lr=args.lr, momentum=0.9)
+    model = args.recipe.recipe.build_keras(batch_norm, seed=args.seed, lr=args.lr)
     x_train, x_test = to_nhwc_float(dataset.x_train), to_nhwc_float(dataset.x_test)
     guard = _divergence_guard()
     history = model.fit(
@@ -324,10 +329,10 @@ def _train(dataset: Dataset, batch_norm: str | None, args: argparse.Namespace, l
 
 
 def _to_torch(keras_model: Any) -> Any:
-    """A PyTorch LeNet-BN (our autograd BN) holding exactly the Keras model's weights and moving statistics."""
+    """The PyTorch twin (our autograd BN) holding exactly the Keras model's weights and moving statistics."""
     import torch_ref
 
-    torch_model = torch_ref.lenet_bn(batch_norm="ours")
+    torch_model = recipes.for_keras_model(keras_model).build_torch()
     torch_ref.keras_to_torch(keras_model, torch_model)
     return torch_model.eval()
 
@@ -411,12 +416,14 @@ def _build_report(
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "lr": args.lr,
-            "optimizer": "sgd",
-            "sgd_momentum": 0.9,
+            "model": args.model,
+            "recipe": args.recipe.to_config(),
+            "optimizer": args.recipe.recipe.optimizer,
+            "sgd_momentum": args.recipe.recipe.sgd_momentum,
             "seed": args.seed,
             "limit": args.limit,
             "bn_layer": args.bn_layer,
-            "convention": "keras",
+            "convention": getattr(bn.get_layer("bn1"), "convention", "keras"),
             "bn_momentum": float(bn.get_layer("bn1").momentum),
             "epsilon": float(bn.get_layer("bn1").epsilon),
         },
@@ -445,6 +452,14 @@ def run_main_job(args: argparse.Namespace) -> int:
     """The ``run`` command; returns the exit status (raises UsageError for bad input)."""
     started = time.perf_counter()
     log = _Log(args.quiet)
+    # --model: the recipe supplies every training flag the user left out (export/recipes.py).
+    args.recipe = recipes.resolve(
+        args.model, dataset=args.dataset, data_dir=args.data_dir, download=args.download, lr=args.lr,
+        batch_size=args.batch_size, epochs=args.epochs,
+    )  # fmt: skip
+    args.dataset, args.lr, args.batch_size, args.epochs = (
+        args.recipe.dataset, args.recipe.lr, args.recipe.batch_size, args.recipe.epochs,
+    )  # fmt: skip
     _check_arguments(args)  # arguments, extras and --out, before any work
     timings: dict[str, float] = {}
 
@@ -457,6 +472,8 @@ def run_main_job(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot load {args.dataset}: {exc}") from exc
     except OSError as exc:
         raise UsageError(f"cannot get {args.dataset}: {exc}") from exc
+    if args.recipe.dataset_note:  # a default, not an error: on stdout like the other steps (report.json keeps it)
+        log(f"note: {args.recipe.dataset_note}")
     dataset = dataset.limit(args.limit)
     timings["load_data"] = time.perf_counter() - t0
     log(f"data: {dataset.name}, {len(dataset.y_train)} train / {len(dataset.y_test)} test; {dataset.source}")
@@ -512,7 +529,8 @@ def _run_in(
 
     t0 = time.perf_counter()
     per_epoch = {key: trained[key].per_epoch if key in trained else _EMPTY_HISTORY for key in MODEL_FILES}
-    rpt.write_plot(per_epoch, stage / rpt.PLOT_PNG, f"LeNet with vs without BN on {dataset.name}")
+    title = f"{args.recipe.recipe.title} with vs without BN on {dataset.name}"
+    rpt.write_plot(per_epoch, stage / rpt.PLOT_PNG, title)
     files.update({"plot": rpt.PLOT_PNG, "report_md": rpt.REPORT_MD, "report_json": rpt.REPORT_JSON})
     report = _build_report(args, dataset, trained, per_epoch, agreement, files, onnx_files, timings, failure)
     timings["report"] = time.perf_counter() - t0

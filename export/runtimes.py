@@ -394,11 +394,27 @@ def _conv2d_valid(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None) ->
     return y if bias is None else y + bias
 
 
-def _max_pool(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Non-overlapping 'valid' max pooling (stride == pool size), NHWC."""
+def _max_pool(x: np.ndarray, size: tuple[int, int], reduce: Callable = np.max) -> np.ndarray:
+    """Non-overlapping 'valid' max pooling (stride == pool size), NHWC; ``reduce=np.mean``: average pooling."""
     (ph, pw), (n, h, w, c) = size, x.shape
     h2, w2 = h // ph, w // pw
-    return x[:, : h2 * ph, : w2 * pw].reshape(n, h2, ph, w2, pw, c).max(axis=(2, 4))
+    return reduce(x[:, : h2 * ph, : w2 * pw].reshape(n, h2, ph, w2, pw, c), axis=(2, 4))
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) interpolation weights, half-pixel centres: src = (dst + 0.5) * n_in / n_out - 0.5, clamped."""
+    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1)
+    low = np.floor(src).astype(int)
+    high, frac = np.minimum(low + 1, n_in - 1), src - low
+    weights = np.zeros((n_out, n_in))
+    np.add.at(weights, (np.arange(n_out), low), 1.0 - frac)
+    np.add.at(weights, (np.arange(n_out), high), frac)
+    return weights
+
+
+def _resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """NHWC bilinear resize without antialiasing (tf.image.resize, torch align_corners=False, ONNX half_pixel)."""
+    return np.einsum("ih,nhwc,jw->nijc", _bilinear_matrix(x.shape[1], height), x, _bilinear_matrix(x.shape[2], width))
 
 
 def _activation(layer, x: np.ndarray) -> np.ndarray:
@@ -407,7 +423,11 @@ def _activation(layer, x: np.ndarray) -> np.ndarray:
         return x
     if name == "relu":
         return np.maximum(x, 0.0)
-    raise ValueError(f"spec forward: layer {layer.name!r} has activation {name!r}; only linear and relu are written")
+    if name == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    if name == "tanh":
+        return np.tanh(x)
+    raise ValueError(f"spec forward: layer {layer.name!r} has activation {name!r}; only linear, relu, sigmoid, tanh")
 
 
 def _spec_layer(layer, x: np.ndarray) -> np.ndarray:
@@ -438,11 +458,15 @@ def _spec_layer(layer, x: np.ndarray) -> np.ndarray:
         if not plain:
             raise ValueError(f"spec forward: Conv2D {layer.name!r} is not a plain valid, stride-1 NHWC convolution")
         return _activation(layer, _conv2d_valid(x, weight(layer.kernel), weight(layer.bias)))
-    if isinstance(layer, keras.layers.MaxPooling2D):
+    if isinstance(layer, keras.layers.MaxPooling2D | keras.layers.AveragePooling2D):
         config = layer.get_config()
         if tuple(config["strides"]) != tuple(config["pool_size"]) or config["padding"] != "valid":
-            raise ValueError(f"spec forward: MaxPooling2D {layer.name!r} must have strides == pool_size, 'valid'")
-        return _max_pool(x, tuple(config["pool_size"]))
+            kind = type(layer).__name__
+            raise ValueError(f"spec forward: {kind} {layer.name!r} must have strides == pool_size, 'valid'")
+        reduce = np.max if isinstance(layer, keras.layers.MaxPooling2D) else np.mean
+        return _max_pool(x, tuple(config["pool_size"]), reduce)
+    if type(layer).__name__ == "BilinearResize":  # keras_bn.model's input resize (LeNet-5)
+        return _resize_bilinear(x, layer.height, layer.width)
     if isinstance(layer, keras.layers.ReLU):
         if layer.get_config().get("max_value") is not None or layer.get_config().get("negative_slope", 0.0):
             raise ValueError(f"spec forward: ReLU {layer.name!r} has max_value/negative_slope")
@@ -457,7 +481,8 @@ def _spec_layer(layer, x: np.ndarray) -> np.ndarray:
 
 
 def run_spec(model, images: np.ndarray, *, batch_size: int = 500) -> np.ndarray:
-    """LeNet-BN (any chain of Conv2D/BN/ReLU/MaxPool/Flatten/Dense) in float64 NumPy, BN by ``spec.batch_norm_infer``.
+    """LeNet-BN (any chain of Conv2D/BN/ReLU/MaxPool/Flatten/Dense; sigmoid, tanh, average pooling, bilinear resize
+    for the d2l LeNet-BN and LeNet-5 of keras_bn.model) in float64 NumPy, BN by ``spec.batch_norm_infer``.
 
     Convolutions are im2col by ``sliding_window_view`` + ``np.einsum`` (BLAS), batched to keep the
     column matrix small (500 images of LeNet: ~60 MB). Returns float64 logits.

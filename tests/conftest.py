@@ -45,3 +45,14 @@ def mnist_dir() -> Path:
             pytest.fail(f"canonical MNIST not found at {path} (CI must provide ../shared/data)")
         pytest.skip(f"canonical MNIST not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    """The canonical Fashion-MNIST IDX files, with mnist_dir's rule: a failure in CI, a skip elsewhere."""
+    path = SHARED_DATA / "fashion"
+    if not (path / "t10k-images-idx3-ubyte.gz").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"canonical Fashion-MNIST not found at {path} (CI must provide ../shared/data)")
+        pytest.skip(f"canonical Fashion-MNIST not found at {path}")
+    return path

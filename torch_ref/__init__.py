@@ -1,7 +1,7 @@
 """PyTorch reference Batch Normalization, LeNet-BN, and weight transfer to and from Keras."""
 
 from torch_ref.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_infer, batch_norm_train
-from torch_ref.model import lenet_bn
+from torch_ref.model import d2l_lenet_bn, lenet5, lenet_bn
 from torch_ref.sync import SyncBatchNorm, sync_batch_norm_train
 
 __all__ = [
@@ -11,6 +11,8 @@ __all__ = [
     "batch_norm_infer",
     "batch_norm_train",
     "lenet_bn",
+    "d2l_lenet_bn",
+    "lenet5",
     "SyncBatchNorm",
     "sync_batch_norm_train",
     "batch_norm_keras_to_torch",
