@@ -313,6 +313,7 @@ _TORCH_BACKEND_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess under KERAS_BACKEND=torch
 def test_layer_runs_and_matches_spec_under_keras_torch_backend():
     """Generic keras.ops path on KERAS_BACKEND=torch (a fresh process: the backend is fixed at import):
     outputs and statistics over 10 steps for five conventions/modes/ranks, gradients through

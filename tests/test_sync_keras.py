@@ -44,6 +44,7 @@ def _reference(case):
     return {"y": y, "mean": mean, "var": var, "dx": dx, "dgamma": dgamma, "dbeta": dbeta, "terms": terms}
 
 
+@pytest.mark.slow  # MirroredStrategy over 2-4 logical CPUs (~15-25 s per case on 2 cores)
 @pytest.mark.parametrize(("devices", "case"), PARAMS)
 def test_function_statistics_equal_global_batch(devices, case):
     """cross_replica_moments: every replica gets the global (count, mean, biased var)."""

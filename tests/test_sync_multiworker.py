@@ -30,6 +30,7 @@ def _close(actual, expected, scale, what=""):
     assert err <= F32_RTOL * scale, f"{what}: max error {err:.3g} > {F32_RTOL:g} * {scale:.3g}"
 
 
+@pytest.mark.slow  # multi-process MultiWorkerMirroredStrategy
 @pytest.mark.parametrize("case", CASES)
 def test_multiworker_statistics_equal_one_process(case):
     """Both workers get the global (count, mean, var): as one process computes it, and as spec does."""

@@ -46,6 +46,7 @@ def _spec_reference(case):
     return {"y": y, "dx": dx, "dweight": dw, "dbias": db, "mean": mean, "var": var, "rm": rm, "rv": rv, "sums": sums}
 
 
+@pytest.mark.slow  # multi-process gloo
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("peer", ["torch.nn.BatchNorm2d-global-batch", "spec-float64-global-batch"])
 def test_gloo_sync_step_equals_global_batch(case, peer):

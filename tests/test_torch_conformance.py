@@ -118,6 +118,7 @@ FLOAT64_PARAM_TOL = {"sgd": 1e-11, "adam": 1e-7}
 FLOAT64_IDS = [r for r in RUNS if r.startswith("float64")]
 
 
+@pytest.mark.slow  # lockstep float64 training
 @pytest.mark.parametrize("run_id", FLOAT64_IDS)
 def test_float64_parameters_stay_together(run_id: str, mnist_batches) -> None:
     history, state = _run(run_id, mnist_batches)
@@ -146,6 +147,7 @@ def test_float64_running_stats_stay_together(run_id: str, mnist_batches) -> None
         assert worst <= tol, f"{name} differs by {worst:.3e} at step {step} (> {tol:.1e})"
 
 
+@pytest.mark.slow  # lockstep training, 300 steps
 def test_float32_sgd_stays_within_1e_4_when_routing_agrees(mnist_batches) -> None:
     """float32, SGD(0.05, momentum 0.9), 50 steps: every parameter <= 1e-4 abs, every statistic <= 5e-4 relative.
 
@@ -167,6 +169,7 @@ def test_float32_sgd_stays_within_1e_4_when_routing_agrees(mnist_batches) -> Non
     print(f"routing decisions PyTorch took differently (overridden): {sum(e.routing_flips for e in history)}")
 
 
+@pytest.mark.slow  # lockstep training, 300 steps (~15-40 s on 2 cores)
 def test_float32_adam_agrees_except_along_directions_bn_cancels(mnist_batches) -> None:
     """float32 Adam: what BN does not cancel agrees to 1e-4; the rest drifts, and the running means follow exactly.
 

@@ -1,0 +1,203 @@
+"""Regenerate README.md's result tables from committed report.json files, so its figures cannot go stale.
+
+Each generated block sits between ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->`` and is
+rendered from one report in ``docs/results/`` (a verbatim copy of the ``OUT/latest/report.json`` that a real
+``keras-bn run --out OUT`` wrote; ``keras-bn verify OUT`` checks the set it came from):
+
+    python tools/readme_tables.py            # rewrite README.md's blocks
+    python tools/readme_tables.py --check    # exit 1 if README.md differs from what the reports say (tests run this)
+
+To refresh a figure, rerun the command the block names, copy its ``report.json`` over the file in ``docs/results/``
+and run this script. Every block names the machine (CPU model and vector extensions) the figure came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "docs" / "results"
+
+#: Report files in docs/results/ and the command that produced each (printed beside the figures).
+REPORTS = {
+    "main-job": "keras-bn run --out keras-bn-out",
+    "mnist-2-epochs": "keras-bn run --dataset mnist --data-dir ../shared/data --epochs 2 --out mnist-out",
+}
+#: Full-length recipe runs (issue #12), one seed each; their reports predate schema 2, so they name no machine.
+RECIPE_REPORTS = {
+    "d2l-lenet-bn-fashion": "keras-bn run --model d2l-lenet-bn --dataset fashion --data-dir ../shared/data",
+    "lenet5-mnist": "keras-bn run --model lenet5 --dataset mnist --data-dir ../shared/data",
+}
+#: Packages whose versions the "versions" block lists, in this order.
+PROVED_PACKAGES = ("tensorflow-cpu", "keras", "numpy", "torch", "onnx", "onnxruntime", "tf2onnx", "onnxscript")
+
+_BLOCK = re.compile(
+    r"(<!-- BEGIN generated:(?P<name>[\w-]+) -->\n?)(?P<body>.*?)(<!-- END generated:(?P=name) -->)", re.S
+)
+
+
+def load_report(name: str, results: Path = RESULTS) -> dict[str, Any]:
+    path = results / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"readme_tables: cannot read {path}: {error}") from None
+
+
+def _machine(report: Mapping[str, Any]) -> str:
+    machine = report.get("machine")
+    if not machine:
+        return "an unrecorded machine"
+    extensions = " ".join(machine.get("vector_extensions") or []) or "extensions unknown"
+    return f"{machine['cpu_model']}, {machine.get('usable_cpus', '?')} CPUs ({extensions})"
+
+
+def _wall_s(report: Mapping[str, Any]) -> float:
+    return float(report["wall_time_s"])
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _final(history: Mapping[str, list[float]], key: str) -> float:
+    return history[key][-1]
+
+
+def render_versions(reports: Mapping[str, dict[str, Any]]) -> str:
+    report = reports["main-job"]
+    versions = report["versions"]
+    listed = [f"{name} {versions[name]}" for name in PROVED_PACKAGES if versions.get(name)]
+    return f"{', '.join(listed)} (Python {versions.get('python', '?')}; {_machine(report)}).\n"
+
+
+def render_main_job(reports: Mapping[str, dict[str, Any]]) -> str:
+    report = reports["main-job"]
+    config, dataset = report["config"], report["dataset"]
+    accuracy, per_epoch = report["accuracy"], report["accuracy"]["per_epoch"]
+    lines = [
+        f"A real run of the first command (`{REPORTS['main-job']}`) on {_machine(report)}: "
+        f"{_wall_s(report):.0f} s wall after the install; seed {config['seed']}, {config['epochs']} epochs, batch "
+        f"{config['batch_size']}, {config['optimizer'].upper()} lr {config['lr']:g}, momentum "
+        f"{config.get('sgd_momentum', 0):g}, {dataset['n_test']} test images of `{dataset['name']}`. "
+        "Accuracies move by a few tenths between CPUs (float32 reduction order); the tables are regenerated from "
+        "[`docs/results/main-job.json`](docs/results/main-job.json) by `python tools/readme_tables.py`.",
+        "",
+        "| model | test accuracy | final train loss |",
+        "|---|---|---|",
+        f"| LeNet-BN (`keras_bn.BatchNorm`) | {_pct(accuracy['bn'])} | {_final(per_epoch['bn'], 'loss'):.4f} |",
+        f"| LeNet (no BN) | {_pct(accuracy['no_bn'])} | {_final(per_epoch['no_bn'], 'loss'):.4f} |",
+        "",
+    ]
+    pairs = report["agreement"]
+    scale = max(p["max_abs_logit"] for p in pairs)
+    lines += [
+        f"| runtime vs `spec` (float64 NumPy forward) | max \\|Δ\\| of logits (up to {scale:.1f}) | argmax agreement |",
+        "|---|---|---|",
+    ]
+    for pair in pairs:
+        if "spec" in (pair["a"], pair["b"]):
+            other = pair["a"] if pair["b"] == "spec" else pair["b"]
+            lines.append(f"| {other} | {pair['max_abs']:.2e} | {_pct(pair['argmax_agreement'])[:-4]}% |")
+    worst = max(pairs, key=lambda p: p["max_rel"])
+    verdict = "pass" if report["agreement_passed"] else "do NOT all pass"
+    tolerance = report.get("tolerance", {}).get("rel_to_max_logit", worst["rtol"])
+    lines += [
+        "",
+        f"All {len(pairs)} pairs {verdict} (bound {tolerance:g}·{scale:.1f} = {tolerance * scale:.1e}; worst pair "
+        f"{worst['a']} vs {worst['b']}, {worst['max_abs']:.1e}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_mnist(reports: Mapping[str, dict[str, Any]]) -> str:
+    report = reports["mnist-2-epochs"]
+    pairs = report["agreement"]
+    worst = max(pairs, key=lambda p: p["max_rel"])
+    scale = max(p["max_abs_logit"] for p in pairs)
+    verdict = "all pairs pass" if report["agreement_passed"] else "NOT all pairs pass"
+    return (
+        f"On full MNIST (`{REPORTS['mnist-2-epochs']}`, {_machine(report)}, {_wall_s(report):.0f} s): BN "
+        f"{_pct(report['accuracy']['bn'])}, no BN {_pct(report['accuracy']['no_bn'])}, {verdict} on the "
+        f"{report['dataset']['n_test']:,} test images (worst {worst['max_abs']:.1e} on logits up to {scale:.1f}).\n"
+    )
+
+
+def render_recipes(reports: Mapping[str, dict[str, Any]]) -> str:
+    lines = [
+        "| command (seed 0, 10 epochs) | BN | no BN | test accuracy per epoch, BN / no BN | runtime pairs |",
+        "|---|---|---|---|---|",
+    ]
+    for name, command in RECIPE_REPORTS.items():
+        report = reports[name]
+        accuracy, per_epoch = report["accuracy"], report["accuracy"]["per_epoch"]
+        curves = " / ".join(
+            ", ".join(f"{100 * v:.1f}" for v in per_epoch[key]["val_accuracy"]) for key in ("bn", "no_bn")
+        )
+        passed = sum(p["passed"] for p in report["agreement"])
+        lines.append(
+            f"| `{command}` | {_pct(accuracy['bn'])} | {_pct(accuracy['no_bn'])} | {curves} | "
+            f"{passed}/{len(report['agreement'])} pass on {report['dataset']['n_test']:,} images |"
+        )
+    machines = {_machine(reports[name]) for name in RECIPE_REPORTS}
+    lines += ["", f"Machine: {', '.join(sorted(machines))}; reports in `docs/results/`."]
+    if any(reports[name].get("schema_version", 1) < 2 for name in RECIPE_REPORTS):
+        lines[-1] += (
+            " These runs predate report schema 2 (no machine recorded) and the deploy runtimes (7 runtimes,"
+            " 28 pairs); a rerun with the command shown records both."
+        )
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS: dict[str, Callable[[Mapping[str, dict[str, Any]]], str]] = {
+    "versions": render_versions,
+    "main-job": render_main_job,
+    "mnist": render_mnist,
+    "recipes": render_recipes,
+}
+
+
+def render(readme: str, reports: Mapping[str, dict[str, Any]]) -> str:
+    """README text with every generated block replaced by what the reports say; unknown block names are an error."""
+    found = set()
+
+    def replace(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise SystemExit(f"readme_tables: README.md has a block generated:{name} that no renderer knows")
+        found.add(name)
+        return match.group(1) + RENDERERS[name](reports) + match.group(4)
+
+    text = _BLOCK.sub(replace, readme)
+    missing = set(RENDERERS) - found
+    if missing:
+        raise SystemExit(f"readme_tables: README.md lacks the blocks {sorted(missing)}")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the reports say")
+    args = parser.parse_args(argv)
+    reports = {name: load_report(name) for name in (*REPORTS, *RECIPE_REPORTS)}
+    current = README.read_text()
+    wanted = render(current, reports)
+    if args.check:
+        if wanted != current:
+            print("README.md is stale: run python tools/readme_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    if wanted != current:
+        README.write_text(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
