@@ -26,7 +26,7 @@ import keras_bn
 import spec
 import torch_ref
 from tests._convert_models import digit_images, floatx, move_statistics, relative_error, torch_outputs
-from torch_ref.from_keras import from_keras
+from torch_ref import from_keras
 
 SIZE, CHANNELS, BATCH = 12, 3, 32
 F64_TOL, F64_GELU_TOL, F32_TOL = 1e-12, 1e-8, 1e-4

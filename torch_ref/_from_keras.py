@@ -1,5 +1,8 @@
 """``torch_ref.from_keras``: a PyTorch module that computes what a built Keras model computes, BN included.
 
+(A private module: a public ``torch_ref/from_keras.py`` would shadow the function ``torch_ref.from_keras``
+once imported, since importing a submodule binds its name on the package.)
+
 The Keras graph (Functional or Sequential, nested models too) is walked in Keras' own
 topological order (``Function._nodes_by_depth``) and every layer becomes a module of
 ``torch_ref._keras_ops`` holding the Keras weights:
