@@ -206,3 +206,16 @@ def test_unsupported_layer_is_named(layer, kind: str) -> None:
 def test_rejects_non_model() -> None:
     with pytest.raises(TypeError, match="keras_model must be a keras.Model"):
         from_keras(L.Dense(2))
+
+
+def test_dropout_noise_shape_drops_whole_samples() -> None:
+    """EfficientNet's stochastic depth: Keras noise_shape (None, 1, 1, 1) keeps or drops each sample whole."""
+    model = keras.Sequential([keras.Input((4, 4, 3)), L.Dropout(0.5, noise_shape=(None, 1, 1, 1))])
+    module = from_keras(model).train()
+    torch.manual_seed(0)
+    x = torch.rand(64, 4, 4, 3, dtype=torch.float64) + 1.0
+    y = module(x)
+    kept = (y != 0).flatten(1)
+    assert bool((kept.all(1) | ~kept.any(1)).all())  # all or nothing per sample
+    assert 0 < int(kept.all(1).sum()) < 64
+    torch.testing.assert_close(y[kept.all(1)], 2.0 * x[kept.all(1)], rtol=0, atol=0)  # scaled by 1 / (1 - rate)

@@ -197,9 +197,7 @@ def _merge_kind(layer: keras.Layer) -> str:
 
 
 def _convert_dropout(layer: keras.layers.Dropout) -> nn.Module:
-    if layer.noise_shape is not None:
-        raise _unsupported(layer, "noise_shape")
-    return ops.Dropout(float(layer.rate))
+    return ops.Dropout(float(layer.rate), layer.noise_shape)
 
 
 # Layer class -> converter, most specific first (SeparableConv2D and DepthwiseConv2D are not Conv2D

@@ -311,8 +311,29 @@ class Normalization(nn.Module):
         return (x - _per_channel(self.mean, x)) / std
 
 
-class Dropout(nn.Dropout):
-    """keras.layers.Dropout: identity in eval mode; in training the same distribution, not Keras' mask."""
+class Dropout(nn.Module):
+    """keras.layers.Dropout: identity in eval mode; in training the same distribution, not Keras' mask.
+
+    ``noise_shape`` is Keras' (in Keras' layout; None entries take the input's size), e.g.
+    ``(None, 1, 1, 1)`` drops whole samples (EfficientNet's stochastic depth).
+    """
+
+    def __init__(self, rate: float, noise_shape: Sequence[int | None] | None = None) -> None:
+        super().__init__()
+        self.rate, self.noise_shape = rate, None if noise_shape is None else tuple(noise_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        if self.noise_shape is None:
+            return F.dropout(x, self.rate, training=True)
+        keras_shape = to_keras_layout(x).shape
+        shape = [size if wanted is None else wanted for size, wanted in zip(keras_shape, self.noise_shape, strict=True)]
+        keep = torch.rand(shape, dtype=x.dtype, device=x.device) >= self.rate
+        return x * from_keras_layout(keep.to(x.dtype)) / (1.0 - self.rate)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}, noise_shape={self.noise_shape}"
 
 
 class Identity(nn.Module):
