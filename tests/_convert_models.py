@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import keras
@@ -25,16 +26,21 @@ def floatx(dtype: str) -> Iterator[None]:
         keras.config.set_dtype_policy(policy)
 
 
+@functools.cache
+def _digits():
+    return load_dataset("digits")  # the embedded optdigits test split, upscaled to 28x28 once per session
+
+
 def digit_images(n: int, size: int, channels: int, dtype: str, *, offset: int = 0) -> np.ndarray:
     """``n`` real handwritten digits (the embedded optdigits set) as NHWC in [0, 1], resized and tiled."""
-    images = to_nhwc_float(load_dataset("digits").x_test[offset : offset + n])
+    images = to_nhwc_float(_digits().x_test[offset : offset + n])
     if size != images.shape[1]:
         images = keras.ops.convert_to_numpy(keras.ops.image.resize(images, (size, size)))
     return np.ascontiguousarray(np.repeat(images, channels, axis=-1).astype(dtype))
 
 
 def digit_labels(n: int, *, offset: int = 0) -> np.ndarray:
-    return load_dataset("digits").y_test[offset : offset + n].astype(np.int64)
+    return _digits().y_test[offset : offset + n].astype(np.int64)
 
 
 def move_statistics(model: keras.Model, images: np.ndarray, batches: int = 1) -> None:

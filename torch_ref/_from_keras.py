@@ -348,7 +348,8 @@ def from_keras(keras_model: keras.Model, *, channels_last: bool = True) -> Keras
     """A ``torch.nn.Module`` computing ``keras_model``'s function with its weights (module docstring).
 
     ``keras_model`` must be a built Functional or Sequential model (nested models allowed). Weights
-    keep the Keras variables' dtype. Raises ``ValueError`` naming the first unsupported layer.
+    keep the Keras variables' dtype. The module is returned in eval mode (like calling the Keras model);
+    ``.train()`` gives Keras' ``training=True``. Raises ``ValueError`` naming the first unsupported layer.
     """
     if not isinstance(keras_model, keras.Model):
         raise TypeError(f"keras_model must be a keras.Model, got {type(keras_model).__name__}")
