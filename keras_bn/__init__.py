@@ -3,3 +3,11 @@
 from keras_bn.layer import BatchNorm  # noqa: F401  (the layer, see keras_bn/layer.py)
 from keras_bn.model import compile_lenet, lenet_bn  # noqa: F401  (LeNet-BN, see keras_bn/model.py)
 from keras_bn.updates import ApplyUpdates, apply_updates, check_updates, pending_updates  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name == "from_torch":  # PyTorch -> Keras (keras_bn/_from_torch.py); torch is an optional extra
+        from keras_bn._from_torch import from_torch
+
+        return from_torch
+    raise AttributeError(f"module 'keras_bn' has no attribute {name!r}")

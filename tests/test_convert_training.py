@@ -16,20 +16,15 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from keras import layers as L
 from torch import nn
 
 import keras_bn
 import torch_ref
-from tests._convert_models import digit_images, digit_labels, floatx
+from tests._convert_models import BATCH, digit_images, digit_labels, floatx, train_keras, train_torch
 from torch_ref import from_keras
 
-STEPS, BATCH, SIZE = 20, 16, 14
-# Binary fractions: Keras' SGD casts its momentum, a Python float, to the variable's dtype, which on
-# TensorFlow goes through float32 (0.9 becomes 0.89999998); 0.875 and 0.0625 are exact in both.
-LR, MOMENTUM = 0.0625, 0.875
+STEPS, SIZE = 20, 14
 TOL = 1e-9  # the issue's bound for float64; measured ~1e-14 (module docstring)
 
 
@@ -63,27 +58,6 @@ def _naive(module: nn.Module) -> nn.Module:
     return module
 
 
-def _train_keras(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> None:
-    with floatx("float64"):  # the optimizer's learning rate and the loss take floatx's dtype, not the model's
-        model.compile(
-            optimizer=keras.optimizers.SGD(learning_rate=LR, momentum=MOMENTUM),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-    model.fit(images, labels, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-
-
-def _train_torch(module: nn.Module, images: np.ndarray, labels: np.ndarray) -> None:
-    # torch's SGD (buf = m*buf + g; w -= lr*buf) equals Keras' (v = m*v - lr*g; w += v) for a fixed lr.
-    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
-    module.train()
-    for start in range(0, len(images), BATCH):
-        x = torch.from_numpy(images[start : start + BATCH])
-        y = torch.from_numpy(labels[start : start + BATCH])
-        optimizer.zero_grad()
-        F.cross_entropy(module(x), y).backward()
-        optimizer.step()
-
-
 def _state(module: nn.Module) -> dict[str, np.ndarray]:
     """Parameters and running statistics (the batch counter is torch-only bookkeeping)."""
     return {k: v.detach().numpy() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
@@ -95,8 +69,8 @@ def _worst_difference(converter) -> float:
     labels = digit_labels(STEPS * BATCH)
     module = converter(from_keras(model))
     before = _state(from_keras(model))
-    _train_torch(module, images, labels)
-    _train_keras(model, images, labels)
+    train_torch(module, images, labels)
+    train_keras(model, images, labels)
     expected, actual = _state(from_keras(model)), _state(module)
     assert expected.keys() == actual.keys()
     assert any(np.abs(expected[k] - before[k]).max() > 1e-3 for k in expected if "running_var" in k)  # stats moved
