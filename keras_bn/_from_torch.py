@@ -55,6 +55,27 @@ _FUNCTION_ACTIVATIONS = {
 _ADD, _MUL = (operator.add, torch.add), (operator.mul, torch.mul)
 
 
+@keras.saving.register_keras_serializable(package="keras_bn")
+class MaxPadding2D(keras.layers.Layer):
+    """Pads NHWC height/width with -inf: PyTorch's MaxPool2d padding (Keras pads max-pooling only as 'same')."""
+
+    def __init__(self, padding: tuple[int, int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.padding = tuple(int(p) for p in padding)
+
+    def call(self, x):
+        (ph, pw) = self.padding
+        return keras.ops.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=-np.inf)
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, c = input_shape
+        (ph, pw) = self.padding
+        return (n, None if h is None else h + 2 * ph, None if w is None else w + 2 * pw, c)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "padding": self.padding}
+
+
 def _np(value: torch.Tensor) -> np.ndarray:
     return value.detach().cpu().numpy()
 
@@ -180,8 +201,10 @@ class _Converter:
         if pool.ceil_mode:
             raise _unsupported(node, type(pool).__name__, "ceil_mode=True")
         if isinstance(pool, nn.MaxPool2d):
-            if any(padding) or _pair(pool.dilation) != (1, 1):
-                raise _unsupported(node, "MaxPool2d", "padding or dilation (Keras pads max-pooling only as 'same')")
+            if _pair(pool.dilation) != (1, 1):
+                raise _unsupported(node, "MaxPool2d", "dilation (Keras' max-pooling has none)")
+            if any(padding):
+                x = MaxPadding2D(padding, dtype=self.dtype)(x)
             return L.MaxPooling2D(kernel, stride, dtype=self.dtype)(x)
         if any(padding) and not pool.count_include_pad:
             raise _unsupported(node, "AvgPool2d", "padding with count_include_pad=False")
@@ -247,17 +270,21 @@ def _assign(layer: keras.Layer, source: Any) -> None:
         layer.set_weights(source)
 
 
-def from_torch(module: nn.Module, input_shape: Sequence[int], *, channels_last: bool = True) -> keras.Model:
+def from_torch(
+    module: nn.Module, input_shape: Sequence[int], *, channels_last: bool = True, dtype: str | None = None
+) -> keras.Model:
     """A ``keras.Model`` computing ``module``'s function with its weights (module docstring).
 
-    ``input_shape`` is PyTorch's per-sample shape (e.g. ``(3, 64, 64)``). Weights keep the module's
-    floating dtype. Raises ``ValueError`` naming the first node that cannot be converted.
+    ``input_shape`` is PyTorch's per-sample shape (e.g. ``(3, 64, 64)``). ``dtype``: the Keras layers'
+    dtype; by default the module's parameter dtype (float32 without parameters). Raises
+    ``ValueError`` naming the first node that cannot be converted.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     input_shape = tuple(int(d) for d in input_shape)
-    first = next(iter(module.parameters()), None)
-    dtype = "float32" if first is None else str(first.dtype).removeprefix("torch.")
+    if dtype is None:
+        first = next(iter(module.parameters()), None)
+        dtype = "float32" if first is None else str(first.dtype).removeprefix("torch.")
     converter = _Converter(module, dtype)
     spatial = len(input_shape) == 3
     if spatial and channels_last:

@@ -22,7 +22,7 @@ import keras_bn
 from tests._convert_models import BATCH, digit_images, digit_labels, relative_error, train_keras, train_torch
 
 F32_TOL, TRAIN_TOL = 1e-4, 1e-9
-F64_TOL = {"convnet": 1e-12, "padded": 1e-8}  # padded has a GELU (module docstring)
+F64_TOL = {"convnet": 1e-12, "padded": 1e-8, "resnet-stem": 1e-12}  # padded has a GELU (module docstring)
 SIZE = 12
 
 
@@ -71,7 +71,30 @@ class PaddedNet(nn.Module):
         return self.head(self.dropout(x).flatten(1))
 
 
-MODELS = {"convnet": ConvNet, "padded": PaddedNet}
+class ResNetStem(nn.Module):
+    """torchvision ResNet-18's stem and first BasicBlock (torchvision/models/resnet.py), at 8 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)  # pads with -inf
+        self.block_conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.block_bn1 = nn.BatchNorm2d(8)
+        self.block_conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.block_bn2 = nn.BatchNorm2d(8)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out = self.block_bn2(self.block_conv2(self.relu(self.block_bn1(self.block_conv1(x)))))
+        x = self.relu(out + x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+MODELS = {"convnet": ConvNet, "padded": PaddedNet, "resnet-stem": ResNetStem}
 
 
 def _module(name: str, dtype: torch.dtype) -> nn.Module:
@@ -138,6 +161,16 @@ def test_channels_first_option() -> None:
     assert relative_error(keras.ops.convert_to_numpy(model(x.numpy())), expected) <= F64_TOL["convnet"]
 
 
+def test_max_pool_padding_is_minus_infinity() -> None:
+    """PyTorch's MaxPool2d padding never wins the max: all-negative inputs show zero padding would."""
+    module = nn.Sequential(nn.MaxPool2d(3, stride=2, padding=1)).double()
+    model = keras_bn.from_torch(module, (2, 6, 6), dtype="float64")
+    x = -1.0 - torch.rand(4, 2, 6, 6, dtype=torch.float64)
+    expected = module(x).numpy()
+    actual = keras.ops.convert_to_numpy(model(_nhwc(x))).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(actual, expected)  # max is exact: a selection, no arithmetic
+
+
 class _Unsupported(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
@@ -150,11 +183,11 @@ class _Unsupported(nn.Module):
 @pytest.mark.parametrize(
     ("layer", "match"),
     [
-        (nn.MaxPool2d(3, 2, padding=1), r"'layer' \(MaxPool2d\)"),
+        (nn.MaxPool2d(3, 2, dilation=2), r"'layer' \(MaxPool2d\)"),
         (nn.LayerNorm([4, 4, 4]), r"'layer' \(LayerNorm\)"),
         (nn.Conv2d(4, 4, 3, padding_mode="reflect"), r"'layer' \(Conv2d\).*reflect"),
     ],
-    ids=["maxpool-padding", "layernorm", "reflect-padding"],
+    ids=["maxpool-dilation", "layernorm", "reflect-padding"],
 )
 def test_unsupported_node_is_named(layer: nn.Module, match: str) -> None:
     with pytest.raises(ValueError, match=match):
