@@ -12,7 +12,7 @@ transposes it first). Rank-4 tensors are NHWC inside; ``flatten`` of one transpo
 (c, h, w) order first, so Linear weights are copied as they are. Convolution weights: OIHW -> HWIO
 (depthwise: (C*mult, 1, kh, kw) -> (kh, kw, C, mult)); PyTorch's symmetric padding becomes a
 ``ZeroPadding2D`` before a 'valid' convolution, and a ``MaxPadding2D`` (-inf) before max-pooling.
-An unsupported node raises ``ValueError`` naming it and its type before any Keras layer is built.
+An unsupported node raises ``ValueError`` naming it and its type (the module is never changed).
 """
 
 from __future__ import annotations
