@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import spec
-from torch_ref.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_infer
+from torch_ref.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_infer, batch_norm_train
 
 SPATIAL_RANK = 4  # (N, H, W, C) in Keras, held as (N, C, H, W) here
 
@@ -351,6 +351,8 @@ class _ConventionBatchNorm:
     ``spec.convert_momentum``); the update itself is ``spec.update_running_stats`` in the Keras
     layer's convention, so Keras' biased running variance is kept. ``channel_dim`` is where the
     Keras BN axis lives; ``frozen`` mirrors Keras' ``trainable=False`` (inference mode always).
+    The forward uses only torch_ref's public ``batch_norm_train`` / ``batch_norm_infer`` (the math);
+    this class is the bookkeeping torch_ref.BatchNorm*d cannot express (its variance is unbiased).
     """
 
     convention: str = "torch"
@@ -358,8 +360,8 @@ class _ConventionBatchNorm:
     frozen: bool = False
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
-        # Same bookkeeping as torch_ref's (float64 like ATen), with the Keras layer's convention.
+    def _update_by_convention(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """One ``spec.update_running_stats`` step in the layer's convention, in float64 like ATen's CPU kernel."""
         momentum = self.momentum
         if momentum is not None:
             momentum = spec.convert_momentum(float(momentum), "torch", self.convention)
@@ -381,11 +383,20 @@ class _ConventionBatchNorm:
         moved = self.channel_dim != 1
         if moved:
             x = x.movedim(self.channel_dim, 1)
-        if self.frozen:
-            self._check_input(x)
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got {x.shape[1]} channels (input {tuple(x.shape)})"
+            )
+        if self.frozen or not self.training:
             y = batch_norm_infer(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
         else:
-            y = super().forward(x)
+            count = x.numel() // x.shape[1]
+            if count <= 1:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+                )
+            y, mean, var = batch_norm_train(x, self.weight, self.bias, self.eps)
+            self._update_by_convention(mean, var, count)
         return y.movedim(1, self.channel_dim) if moved else y
 
     def extra_repr(self) -> str:
