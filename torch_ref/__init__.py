@@ -19,6 +19,7 @@ __all__ = [
     "batch_norm_torch_to_keras",
     "keras_to_torch",
     "torch_to_keras",
+    "from_keras",
 ]
 
 _TRANSFER = ("batch_norm_keras_to_torch", "batch_norm_torch_to_keras", "keras_to_torch", "torch_to_keras")
@@ -30,4 +31,8 @@ def __getattr__(name: str):
         from torch_ref import transfer
 
         return getattr(transfer, name)
+    if name == "from_keras":  # imports Keras too, like the transfer
+        from torch_ref._from_keras import from_keras
+
+        return from_keras
     raise AttributeError(f"module 'torch_ref' has no attribute {name!r}")

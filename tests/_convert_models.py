@@ -1,0 +1,88 @@
+"""Shared helpers of the conversion tests: real images, float64 Keras, moved BN statistics, comparisons."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import keras
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.data import load_dataset, to_nhwc_float
+
+
+@contextlib.contextmanager
+def floatx(dtype: str) -> Iterator[None]:
+    """Build Keras layers in ``dtype`` (floatx and the global dtype policy, which caches floatx), then restore."""
+    before, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(before)
+        keras.config.set_dtype_policy(policy)
+
+
+# Lockstep training (tests/test_convert_training.py, tests/test_convert_from_torch.py). Binary fractions:
+# Keras' SGD casts its momentum, a Python float, to the variable's dtype, which on TensorFlow goes
+# through float32 (0.9 becomes 0.89999998); 0.875 and 0.0625 are exact in both.
+LR, MOMENTUM, BATCH = 0.0625, 0.875, 16
+
+
+@functools.cache
+def _digits():
+    return load_dataset("digits")  # the embedded optdigits test split, upscaled to 28x28 once per session
+
+
+def digit_images(n: int, size: int, channels: int, dtype: str, *, offset: int = 0) -> np.ndarray:
+    """``n`` real handwritten digits (the embedded optdigits set) as NHWC in [0, 1], resized and tiled."""
+    images = to_nhwc_float(_digits().x_test[offset : offset + n])
+    if size != images.shape[1]:
+        images = keras.ops.convert_to_numpy(keras.ops.image.resize(images, (size, size)))
+    return np.ascontiguousarray(np.repeat(images, channels, axis=-1).astype(dtype))
+
+
+def digit_labels(n: int, *, offset: int = 0) -> np.ndarray:
+    return _digits().y_test[offset : offset + n].astype(np.int64)
+
+
+def move_statistics(model: keras.Model, images: np.ndarray, batches: int = 1) -> None:
+    """Training-mode passes so every BN's moving statistics leave their initial 0/1."""
+    for chunk in np.array_split(images, batches):
+        model(chunk, training=True)
+
+
+def torch_outputs(module: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module(torch.from_numpy(images)).numpy()
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Max |difference| relative to the output scale (max |expected|)."""
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def train_keras(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> None:
+    with floatx("float64"):  # the optimizer's learning rate and the loss take floatx's dtype, not the model's
+        model.compile(
+            optimizer=keras.optimizers.SGD(learning_rate=LR, momentum=MOMENTUM),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    model.fit(images, labels, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+
+
+def train_torch(module: nn.Module, images: np.ndarray, labels: np.ndarray) -> None:
+    # torch's SGD (buf = m*buf + g; w -= lr*buf) equals Keras' (v = m*v - lr*g; w += v) for a fixed lr.
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
+    module.train()
+    for start in range(0, len(images), BATCH):
+        x = torch.from_numpy(images[start : start + BATCH])
+        y = torch.from_numpy(labels[start : start + BATCH])
+        optimizer.zero_grad()
+        F.cross_entropy(module(x), y).backward()
+        optimizer.step()
