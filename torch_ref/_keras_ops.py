@@ -391,12 +391,15 @@ class _ConventionBatchNorm:
             y = batch_norm_infer(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
         else:
             count = x.numel() // x.shape[1]
-            if count <= 1:
+            if count == 1:
                 raise ValueError(
                     f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
                 )
             y, mean, var = batch_norm_train(x, self.weight, self.bias, self.eps)
-            self._update_by_convention(mean, var, count)
+            if count:
+                self._update_by_convention(mean, var, count)
+            else:  # an empty batch is counted but not averaged, as torch_ref.BatchNorm*d and SPEC.md say
+                self.num_batches_tracked.add_(1)
         return y.movedim(1, self.channel_dim) if moved else y
 
     def extra_repr(self) -> str:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import spec
+from torch_ref._keras_ops import _ConventionBatchNorm
 from torch_ref.batch_norm import BatchNorm1d, BatchNorm2d
 
 _BATCH_NORMS = {
@@ -22,29 +23,15 @@ _BATCH_NORMS = {
 }
 
 
-class _D2LMovingAverages:
+class _D2LMovingAverages(_ConventionBatchNorm):
     """d2l's from-scratch ``batch_norm``: moving statistics by ``spec.update_running_stats(convention="d2l")``.
 
     The chapter weights the *new* value by ``momentum`` (0.9 as it calls it) and averages the biased
     batch variance (SPEC.md, d2l row); forward and backward are ``torch_ref``'s, as for every BN here.
+    The bookkeeping is the converters' convention-driven BN (torch_ref/_keras_ops.py), not a copy.
     """
 
     convention = "d2l"
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        new_mean, new_var = spec.update_running_stats(
-            self.running_mean.double().cpu().numpy(),
-            self.running_var.double().cpu().numpy(),
-            mean.double().cpu().numpy(),
-            var.double().cpu().numpy(),
-            count,
-            convention=self.convention,
-            momentum=self.momentum,
-        )
-        self.running_mean.copy_(torch.from_numpy(new_mean))
-        self.running_var.copy_(torch.from_numpy(new_var))
-        self.num_batches_tracked.add_(1)
 
 
 class D2LBatchNorm1d(_D2LMovingAverages, BatchNorm1d):
