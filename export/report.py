@@ -244,6 +244,21 @@ def _agreement_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _recipe_title(cfg: Mapping[str, Any]) -> str:
+    recipe = cfg.get("recipe") or {}
+    title = recipe.get("title") or cfg.get("model") or "LeNet-BN"
+    note = recipe.get("dataset_note")
+    return f"{title} ({note})" if note else title
+
+
+def _optimizer_text(cfg: Mapping[str, Any]) -> str:
+    """What really trained: a report of an Adam recipe must not say SGD."""
+    optimizer = cfg.get("optimizer", "sgd")
+    if optimizer == "sgd":
+        return f"SGD lr {cfg['lr']} momentum {cfg.get('sgd_momentum', 0.0)}"
+    return f"{optimizer.capitalize()} lr {cfg['lr']}"
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The human-readable report: data, accuracy with and without BN, the agreement table, files, versions."""
     from export.machine import describe_machine
@@ -256,8 +271,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"Dataset: **{ds['name']}** ({ds['n_train']} train / {ds['n_test']} test images). Source: {ds['source']}.",
         "",
-        f"Training: {cfg['epochs']} epochs, batch size {cfg['batch_size']}, SGD lr {cfg['lr']} momentum "
-        f"{cfg['sgd_momentum']}, seed {cfg['seed']}; BN layer `{cfg['bn_layer']}` (convention {cfg['convention']}, "
+        f"Model and recipe: {_recipe_title(cfg)}. Training: {cfg['epochs']} epochs, batch size {cfg['batch_size']}, "
+        f"{_optimizer_text(cfg)}, seed {cfg['seed']}; BN layer `{cfg['bn_layer']}` (convention {cfg['convention']}, "
         f"momentum {cfg['bn_momentum']}, epsilon {cfg['epsilon']}). Same initial kernels and optimizer for both nets.",
         "",
         f"Machine: {describe_machine(report['machine'])}. Wall time of the run: {report['wall_time_s']:.1f} s.",

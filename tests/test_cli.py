@@ -585,6 +585,23 @@ def test_report_status_must_match_the_agreement(tmp_path: Path) -> None:
         rpt.write_json(report, tmp_path / "r.json")
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "recipe", "says"),
+    [
+        ("sgd", None, "LeNet-BN. Training: 2 epochs, batch size 1, SGD lr 0.1 momentum 0.9"),
+        ("adam", {"title": "LeNet-5 (Paperspace)", "dataset_note": None}, "LeNet-5 (Paperspace). Training:"),
+        ("adam", {"title": "LeNet-5", "dataset_note": "MNIST not available"}, "LeNet-5 (MNIST not available)"),
+    ],
+    ids=["lenet-bn-sgd", "lenet5-adam", "lenet5-embedded-note"],
+)
+def test_markdown_names_the_recipe_and_the_optimizer_that_ran(optimizer, recipe, says) -> None:
+    report = _minimal_report()
+    report["config"].update(optimizer=optimizer, **({"recipe": recipe} if recipe else {}))
+    md = rpt.render_markdown(rpt._json_safe(report))
+    assert says in md
+    assert ("SGD lr" in md) == (optimizer == "sgd") and ("Adam lr 0.1" in md) == (optimizer == "adam")
+
+
 def test_markdown_of_a_diverged_run_says_so_and_shows_no_agreement() -> None:
     """A diverged run: null accuracy, a NaN loss (null in JSON), the second model never trained, no pairs."""
     report = _minimal_report()
