@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "machine": describe_machine(),
+                    "baseline": BASELINE,
                     "threads": threads,
                     "batch": args.batch,
                     "rounds": args.rounds,

@@ -156,11 +156,42 @@ def render_recipes(reports: Mapping[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Benchmark outputs (``--json``) in docs/results/ and the command that wrote each.
+BENCH_OUTPUTS = {
+    "bench-inference": "python bench/bench_inference.py --json docs/results/bench-inference.json",
+}
+
+
+def render_inference(reports: Mapping[str, dict[str, Any]]) -> str:
+    bench = reports["bench-inference"]
+    rows = bench["rows"]
+    baseline = bench["baseline"]
+    batch = bench["batch"]
+    lines = [
+        f"`{BENCH_OUTPUTS['bench-inference']}` on {bench['machine']}, {bench['rounds']} interleaved rounds, "
+        f"threads: {'; '.join(f'{k} {v}' for k, v in bench['threads'].items())}. Ratios are time / time of "
+        f"`{baseline}` (below 1: faster). This CPU only.",
+        "",
+        f"| runtime | batch-1 median ms | × {baseline} | batch-{batch} ms | images/s | × {baseline} |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['runtime']} | {row['batch1_median_ms']:.3f} | {row['latency_vs_baseline']:.2f} | "
+            f"{row[f'batch{batch}_median_ms']:.2f} | {row['images_per_s']:.0f} | "
+            f"{row['time_vs_baseline_at_batch']:.2f} |"
+        )
+    for entry in bench.get("skipped", []):
+        lines.append(f"\nSkipped: {entry['runtime']}: {entry['reason']}")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[Mapping[str, dict[str, Any]]], str]] = {
     "versions": render_versions,
     "main-job": render_main_job,
     "mnist": render_mnist,
     "recipes": render_recipes,
+    "inference": render_inference,
 }
 
 
@@ -186,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the reports say")
     args = parser.parse_args(argv)
-    reports = {name: load_report(name) for name in (*REPORTS, *RECIPE_REPORTS)}
+    reports = {name: load_report(name) for name in (*REPORTS, *RECIPE_REPORTS, *BENCH_OUTPUTS)}
     current = README.read_text()
     wanted = render(current, reports)
     if args.check:
