@@ -259,6 +259,17 @@ def _check_affine(layer: BatchNormParams, scale: np.ndarray, shift: np.ndarray, 
         )
 
 
+def _batchnorm_node(graph: onnx.GraphProto, layer: BatchNormParams, x_name: str, y_name: str) -> onnx.NodeProto:
+    """The layer's ``BatchNormalization`` node x_name -> y_name; its gamma/beta/mean/var go into ``graph``."""
+    return helper.make_node(
+        "BatchNormalization",
+        [x_name, *_add_bn_initializers(graph, layer)],
+        [y_name],
+        name=layer.name,
+        epsilon=float(layer.epsilon),
+    )
+
+
 def _add_bn_initializers(graph: onnx.GraphProto, layer: BatchNormParams) -> list[str]:
     names = []
     for role, value in zip(("scale", "bias", "mean", "var"), layer.arrays(), strict=True):
@@ -276,13 +287,7 @@ def _replace_affine_chain(graph, scoped, layer: BatchNormParams, constants, shap
         raise ValueError(f"BN layer {layer.name!r}: shape inference gave no rank for its input {x_name!r}")
     scale, shift = _compose_chain(chain, constants, len(shapes[x_name]), layer.channels)
     _check_affine(layer, scale, shift, rtol)
-    bn = helper.make_node(
-        "BatchNormalization",
-        [x_name, *_add_bn_initializers(graph, layer)],
-        [y_name],
-        name=layer.name,
-        epsilon=float(layer.epsilon),
-    )
+    bn = _batchnorm_node(graph, layer, x_name, y_name)
     position = list(graph.node).index(first)
     for node, _ in chain:
         graph.node.remove(node)
@@ -376,13 +381,7 @@ def _unfold_conv(graph, conv: onnx.NodeProto, layer: BatchNormParams, constants,
     y_name = conv.output[0]
     conv.input[1:] = [w_name, b_name]
     conv.output[0] = z_name
-    bn = helper.make_node(
-        "BatchNormalization",
-        [z_name, *_add_bn_initializers(graph, layer)],
-        [y_name],
-        name=layer.name,
-        epsilon=float(layer.epsilon),
-    )
+    bn = _batchnorm_node(graph, layer, z_name, y_name)
     graph.node.insert(list(graph.node).index(conv) + 1, bn)
 
 

@@ -35,24 +35,24 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(20261121)
 
 
-@pytest.fixture(scope="session")
-def mnist_dir() -> Path:
-    """The canonical MNIST IDX files (CI has them beside the checkout, users may not)."""
-    path = SHARED_DATA / "mnist"
+def _canonical_data(subdir: str, display: str) -> Path:
+    """The canonical IDX files of one dataset (CI has them beside the checkout, users may not)."""
+    path = SHARED_DATA / subdir
     if not (path / "t10k-images-idx3-ubyte.gz").exists():
         # CI always has ../shared/data: there a missing file is a failure, never a quiet skip.
         if os.environ.get("CI") == "true":
-            pytest.fail(f"canonical MNIST not found at {path} (CI must provide ../shared/data)")
-        pytest.skip(f"canonical MNIST not found at {path}")
+            pytest.fail(f"canonical {display} not found at {path} (CI must provide ../shared/data)")
+        pytest.skip(f"canonical {display} not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The canonical MNIST IDX files: a failure in CI when missing, a skip elsewhere."""
+    return _canonical_data("mnist", "MNIST")
 
 
 @pytest.fixture(scope="session")
 def fashion_dir() -> Path:
-    """The canonical Fashion-MNIST IDX files, with mnist_dir's rule: a failure in CI, a skip elsewhere."""
-    path = SHARED_DATA / "fashion"
-    if not (path / "t10k-images-idx3-ubyte.gz").exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"canonical Fashion-MNIST not found at {path} (CI must provide ../shared/data)")
-        pytest.skip(f"canonical Fashion-MNIST not found at {path}")
-    return path
+    """The canonical Fashion-MNIST IDX files, with mnist_dir's rule."""
+    return _canonical_data("fashion", "Fashion-MNIST")

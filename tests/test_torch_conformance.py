@@ -20,13 +20,13 @@ What the runs show (numbers from `python bench/bench_conformance.py`):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import keras
 import numpy as np
 import pytest
 import torch
+from _convert_models import floatx
 
 import keras_bn
 import torch_ref
@@ -38,20 +38,6 @@ BATCH = 32
 # Biases that feed a BN layer: BN subtracts the batch mean, so their gradient is analytically 0 and
 # numerically pure rounding noise (the other 'bias' of each BN pair is bn*.bias, which is beta).
 PRE_BN_BIASES = {"conv1.bias": "bn1", "conv2.bias": "bn2", "fc1.bias": "bn3", "fc2.bias": "bn4"}
-
-
-@contextlib.contextmanager
-def _keras_floatx(dtype: str):
-    """Build Keras layers in ``dtype``. The dtype policy must be set too: Keras caches the global
-    policy at the first layer it builds, after which set_floatx alone no longer changes new layers."""
-    previous_floatx, previous_policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx(dtype)
-    keras.config.set_dtype_policy(dtype)
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(previous_floatx)
-        keras.config.set_dtype_policy(previous_policy)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +63,7 @@ def _run(run_id: str, mnist_batches) -> tuple[list[StepDivergence], dict[str, np
     if run_id not in _HISTORIES:
         dtype, optimizer, lr, momentum, torch_bn, loop, routed = RUNS[run_id]
         images, labels = mnist_batches
-        with _keras_floatx(dtype):
+        with floatx(dtype):
             keras_model = keras_bn.lenet_bn("ours", convention="torch", momentum=0.1, epsilon=1e-5, seed=0)
             assert all(v.dtype == dtype for v in keras_model.weights if v.dtype != "int64")
             torch_model = torch_ref.lenet_bn(torch_bn).to(getattr(torch, dtype))
@@ -227,7 +213,7 @@ def test_keras_convention_running_variance_differs_by_bessel_factor(keras_bn_kin
     """
     images, labels = mnist_batches
     counts = {"bn1": BATCH * 24 * 24, "bn2": BATCH * 8 * 8, "bn3": BATCH, "bn4": BATCH}
-    with _keras_floatx("float64"):
+    with floatx("float64"):
         kwargs = {"convention": "keras"} if keras_bn_kind == "ours" else {}
         keras_model = keras_bn.lenet_bn(keras_bn_kind, momentum=0.9, epsilon=1e-5, seed=0, **kwargs)
         assert all(v.dtype == "float64" for v in keras_model.weights)

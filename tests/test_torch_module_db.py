@@ -25,6 +25,7 @@ import pickle
 
 import pytest
 import torch
+from _bn_state import randomize_bn_state_
 from torch import nn
 
 # torch's test utilities import expecttest (in the project's test extra); a missing one must fail, not skip.
@@ -74,26 +75,13 @@ def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None
     assert diff <= tol * scale, f"{what}: max |ours - torch| = {diff:.3e} > {tol:.0e} * {scale:.3g}"
 
 
-def _randomize_(module: nn.Module) -> None:
-    """Non-trivial parameters and statistics (the defaults 1/0 and 0/1 would hide a swapped term)."""
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if name == "num_batches_tracked":
-                tensor.fill_(3)
-            elif name in ("weight", "running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
-            else:
-                tensor.copy_(torch.randn(tensor.shape, generator=gen))
-
-
 def _pair(info, index: int, dtype: torch.dtype, training: bool):
     """(ours, peer, sample) built as test_modules.py builds them: construct, then .to(dtype); same state."""
     sample = _samples(info, dtype, training)[index]
     args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
     peer = info.module_cls(*args, **kwargs).to(dtype)
     ours = OURS[info.module_cls](*args, **kwargs).to(dtype)
-    _randomize_(peer)
+    randomize_bn_state_(peer, seed=11)
     ours.load_state_dict(peer.state_dict())
     return ours.train(training), peer.train(training), sample
 

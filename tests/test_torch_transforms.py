@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from _bn_state import randomize_bn_state_
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
@@ -34,15 +35,7 @@ def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None
 def _pair(dtype: torch.dtype = torch.float64, momentum: float | None = 0.1, **kwargs):
     """BatchNorm2d(3) ours and torch.nn's with the same non-trivial state (3 batches already counted)."""
     peer = nn.BatchNorm2d(3, momentum=momentum, dtype=dtype, **kwargs)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, tensor in peer.state_dict().items():
-            if name == "num_batches_tracked":
-                tensor.fill_(3)
-            elif name in ("weight", "running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
-            else:
-                tensor.copy_(torch.randn(tensor.shape, generator=gen))
+    randomize_bn_state_(peer, seed=2)
     ours = torch_ref.BatchNorm2d(3, momentum=momentum, dtype=dtype, **kwargs)
     ours.load_state_dict(peer.state_dict())
     return ours, peer
