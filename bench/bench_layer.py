@@ -29,10 +29,11 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from _timing import interleaved_rounds, paired_ratio  # noqa: E402  (bench/_timing.py)
 
 from export.machine import describe_machine, machine_info  # noqa: E402
 
@@ -135,16 +136,7 @@ def main() -> int:
         )
 
     names = list(variants) if args.repeats > 0 else []
-    for _ in range(args.warmup if names else 0):
-        for name in names:
-            variants[name]()
-    times = {name: [] for name in names}
-    for round_index in range(args.repeats):
-        order = names[round_index % len(names) :] + names[: round_index % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_rounds({name: variants[name] for name in names}, args.repeats, args.warmup)
 
     base = times.get("keras builtin")
     results = {}
@@ -154,7 +146,7 @@ def main() -> int:
             "median_ms": 1e3 * median,
             "min_ms": 1e3 * min(times[name]),
             "ratio_to_keras": median / statistics.median(base),
-            "median_round_ratio": statistics.median(t / b for t, b in zip(times[name], base, strict=True)),
+            "median_round_ratio": paired_ratio(times[name], base),
             "max_rel_diff_vs_keras": agreement[name],
         }
 
