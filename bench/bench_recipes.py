@@ -31,6 +31,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from recipe_tables import bn1_lines, epoch_table, header_line  # noqa: E402  (bench/recipe_tables.py)
 
 from export.data import load_dataset, to_nhwc_float  # noqa: E402
 from export.machine import describe_machine, machine_info  # noqa: E402
@@ -82,27 +83,12 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def print_recipe(name: str, result: dict) -> None:
+    """The per-epoch table and bn1's gamma/beta, formatted by bench/recipe_tables.py (as README.md shows them)."""
     recipe = RECIPES[name]
-    variants = list(result["variants"])
-    print(f"\n## {recipe.title}: {result['dataset']} ({result['n_train']} train / {result['n_test']} test), "
-          f"{recipe.optimizer} lr {recipe.lr}, batch {recipe.batch_size}, seeds {result['seeds']}")  # fmt: skip
-    header = ["epoch", *[f"{v} test acc (mean ± sd, min..max)" for v in variants]]
-    if recipe.source_figures:
-        header += [f"source {label}" for label in recipe.source_figures]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for epoch in range(result["epochs"]):
-        cells = [str(epoch + 1)]
-        for v in variants:
-            s = result["variants"][v]["summary"]
-            cells.append(
-                f"{100 * s['mean'][epoch]:.2f}% ± {100 * s['std'][epoch]:.2f} "
-                f"({100 * s['min'][epoch]:.2f}..{100 * s['max'][epoch]:.2f})"
-            )
-        for figures in recipe.source_figures.values():
-            cells.append(f"~{100 * figures[epoch + 1]:.1f}%" if epoch + 1 in figures else "")
-        print("| " + " | ".join(cells) + " |")
-    for v in variants:
+    print(f"\n## {recipe.title}: {recipe.optimizer} lr {recipe.lr}, batch {recipe.batch_size}; {header_line(result)}")
+    print("\n".join(epoch_table(result)))
+    print("\n".join(bn1_lines(result)))
+    for v in result["variants"]:
         for run in result["variants"][v]["runs"]:
             if "bn1_gamma" in run:  # d2l prints these after training; so do we, for every recipe and seed
                 gamma, beta = np.round(run["bn1_gamma"], 3).tolist(), np.round(run["bn1_beta"], 3).tolist()
