@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,43 @@ def test_the_default_run_deselects_slow_tests():
     collected = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert "test_node_cases_are_those_of_load_node_model_tests" not in collected
     assert "1 deselected" in collected
+
+
+# --- issue #14 (performance per mode): the generated block against its JSON ------------------------------------------
+# The oracle recomputes every ratio from the raw per-round values with `statistics`, independently of
+# bench/_timing.py, which produced the committed text.
+
+
+def _block(readme: str, name: str) -> str:
+    match = re.search(rf"<!-- BEGIN generated:{name} -->\n(.*?)<!-- END generated:{name} -->", readme, re.S)
+    assert match, name
+    return match.group(1)
+
+
+def _tables(block: str) -> list[list[list[str]]]:
+    """Each markdown table of a block as rows of cells, header and separator dropped."""
+    tables, current = [], []
+    for line in [*block.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif current:
+            tables.append(current[2:])
+            current = []
+    return tables
+
+
+def test_performance_goals_follow_from_the_recorded_timings():
+    tables = _readme_tables()
+    bench = tables.load_report("bench-modes")
+    goal_rows = _tables(_block((ROOT / "README.md").read_text(), "performance"))[-1]
+    assert len(goal_rows) == len(bench["goals"])
+    for goal, row in zip(bench["goals"], goal_rows, strict=True):
+        numerator = bench["seconds"][goal["workload"]][goal["numerator"]]
+        denominator = bench["seconds"][goal["workload"]][goal["denominator"]]
+        if goal["ratio_kind"] == "median of per-round ratios":
+            ratio = statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+        else:
+            ratio = statistics.median(numerator) / statistics.median(denominator)
+        assert goal["ratio"] == pytest.approx(ratio, rel=1e-12), goal["claim"]
+        expected = "info" if goal["goal"] is None else ("PASS" if ratio <= goal["goal"] else "MISS")
+        assert row[2:] == [f"{ratio:.3f}", "" if goal["goal"] is None else f"≤ {goal['goal']:.2f}", expected]

@@ -195,6 +195,75 @@ RENDERERS: dict[str, Callable[[Mapping[str, dict[str, Any]]], str]] = {
 }
 
 
+# --- bench/bench_modes.py (issue #14) --------------------------------------------------------------------------------
+
+BENCH_OUTPUTS["bench-modes"] = "python bench/bench_modes.py --json docs/results/bench-modes.json"
+
+
+def _without_json(argv: list[str]) -> str:
+    """The command line without ``--json PATH``: where a run wrote its file is not how to rerun it (the link is)."""
+    if "--json" in argv:
+        at = argv.index("--json")
+        argv = argv[:at] + argv[at + 2 :]
+    return " ".join(argv)
+
+
+def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
+    bench = reports["bench-modes"]
+    settings, bandwidth, load = bench["settings"], bench["bandwidth"], bench["load_average"]
+    shape = "×".join(str(d) for d in settings["shape"])
+    floor_ms = 1e3 * bench["layer_bytes_moved"] / (1e9 * bandwidth["gb_per_s"])
+    lines = [
+        f"`{BENCH_OUTPUTS['bench-modes']}` (ran as `{_without_json(bench['command'].split())}`), "
+        f"{bench['date_utc']} UTC, on "
+        f"{_machine(bench)}; 1-minute load average {load['start']:.1f} at start, {load['end']:.1f} at end. "
+        "**These figures hold for this CPU under this load only; they are not general.**"
+        + (" SMOKE RUN (fewer than 7 rounds): not a result." if settings["smoke"] else ""),
+        "",
+        f"{settings['repeats']} interleaved rounds per process after {settings['warmup']} warm-up; threads: "
+        + "; ".join(f"{k} {v}" for k, v in bench["threads"].items())
+        + "; versions: "
+        + ", ".join(f"{k} {v}" for k, v in bench["versions"].items())
+        + ".",
+        "",
+        f"Memory floor: a numpy copy moves {bandwidth['gb_per_s']:.1f} GB/s (read + write, one thread); a BN "
+        f"training step on {shape} float32 must move at least {bench['layer_bytes_moved'] / 1e6:.0f} MB (8 passes "
+        f"over the batch, see `bench/bench_modes.py`), {floor_ms:.1f} ms at that bandwidth.",
+        "",
+        f"| mode | variant | layer step, median ms (IQR) | GB/s (% of copy) | LeNet-BN batch {settings['batch']}, "
+        "ms/step (IQR) | samples/s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    rows = {(r["workload"], r["mode"], r["variant"]): r for r in bench["rows"]}
+    for mode, variant in dict.fromkeys((r["mode"], r["variant"]) for r in bench["rows"]):
+        cells = [mode, variant]
+        layer, lenet = rows.get(("layer", mode, variant)), rows.get(("lenet", mode, variant))
+        cells += (
+            [
+                f"{layer['median_ms']:.1f} ({layer['iqr_ms']:.1f})",
+                f"{layer['gb_per_s']:.1f} ({layer['fraction_of_bandwidth']:.0%})",
+            ]
+            if layer
+            else ["", ""]
+        )
+        cells += (
+            [f"{lenet['median_ms']:.2f} ({lenet['iqr_ms']:.2f})", f"{lenet['samples_per_s']:.0f}"]
+            if lenet
+            else ["", ""]
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| goal (issue #14) | workload | time ratio | goal | verdict |", "|---|---|---:|---:|---|"]
+    for g in bench["goals"]:
+        limit = "" if g["goal"] is None else f"≤ {g['goal']:.2f}"
+        lines.append(
+            f"| {g['claim']} ({g['ratio_kind']}) | {g['workload']} | {g['ratio']:.3f} | {limit} | {g['verdict']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS |= {"performance": render_performance}
+
+
 def render(readme: str, reports: Mapping[str, dict[str, Any]]) -> str:
     """README text with every generated block replaced by what the reports say; unknown block names are an error."""
     found = set()

@@ -1,0 +1,445 @@
+"""Keras' built-in BN vs ours in every execution mode, and PyTorch's, side by side in one run (issue #14).
+
+Two workloads, each in every mode:
+
+- **layer**: one BN training step alone on a 64x56x56x64 float32 batch (``--shape``): forward with
+  ``training=True`` (moving statistics updated), backward from a fixed cotangent ``dy`` to x, gamma and beta.
+  The cotangent is fed directly (TF ``output_gradients``, ``jax.vjp``, ``torch.autograd.grad``), so only BN runs.
+- **lenet**: LeNet-BN training steps, batch 64 (``--batch``), SGD with momentum on fixed random 28x28 images:
+  Keras' ``train_on_batch`` (the train function ``fit`` runs), and a plain PyTorch loop for the torch modules.
+
+Modes (one child process per backend, since ``KERAS_BACKEND`` is fixed at import; children run one at a time):
+
+============  ==============================================================  ====================
+mode          how                                                             variants
+============  ==============================================================  ====================
+tf.function   TF backend, ``tf.function`` / ``compile(jit_compile=False)``    keras, ours
+tf xla        TF backend, ``jit_compile=True``                                keras, ours
+jax jit       JAX backend, ``jax.jit`` / ``compile(jit_compile=True)``        keras, ours
+keras torch   torch backend, eager (Keras' default there)                     keras, ours
+pytorch       plain PyTorch, NCHW                                             torch.nn, torch_ref
+============  ==============================================================  ====================
+
+Within a child the variants run in interleaved rounds (``bench/_timing.py``), ``--warmup`` rounds discarded,
+``--repeats`` (>= 7 for a result) timed; each row reports the median and quartiles. Ratios within a mode are
+medians of per-round ratios; ratios across processes (TF vs ``torch.nn``) are ratios of medians.
+
+Goals (issue #14): ours / Keras' layer <= 1.00 in every mode; TF ours / ``torch.nn.BatchNorm2d`` <= 1.25 for the
+layer step; ``torch_ref`` / ``torch.nn`` <= 1.25 in the LeNet loop. Each row says PASS or MISS.
+
+Memory floor. The machine's bandwidth is a ``--bandwidth-mib`` numpy copy (one thread; read + write bytes over
+the median time). A BN training step must move at least 8 passes over the batch of B = N*H*W*C*4 bytes, since a
+batch of tens of MB does not stay in cache between passes: forward reads x for the moments (one pass gives mean
+and variance), reads x again to normalize and writes y (3B); backward reads dy and x for the two reductions
+(sum dy, sum dy*x_hat), then reads dy and x again and writes dx (5B); gamma, beta and the statistics are
+C-sized and ignored. Each layer row's effective GB/s is 8B over its median time: the fraction of the measured
+bandwidth shows how far it is from the floor (above 100% is possible: the copy runs on one thread, the layers
+on ``--threads``, and a kernel may keep part of the batch in cache).
+
+Threads are set deliberately and printed: TF intra-op ``--threads``, inter-op 1; torch ``set_num_threads``
+``--threads``, inter-op 1; JAX (XLA:CPU) has no per-process setting and uses its own pool over all usable CPUs.
+
+    nice -n 10 python bench/bench_modes.py --json docs/results/bench-modes.json   # the README's table
+    python bench/bench_modes.py --shape 8,8,8,8 --lenet-steps 2 --repeats 3 --warmup 1 --bandwidth-mib 8  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _timing import interleaved_rounds, paired_ratio, spread  # bench/_timing.py
+
+from export.machine import describe_machine, machine_info
+
+#: backend child -> the modes it measures, in table order
+BACKENDS = {
+    "tensorflow": ("tf.function", "tf xla"),
+    "jax": ("jax jit",),
+    "torch": ("keras torch", "pytorch"),
+}
+KERAS_VARIANTS = ("keras", "ours")
+TORCH_VARIANTS = ("torch.nn", "torch_ref")
+MIN_REPEATS = 7  # fewer is a smoke run: the table says so
+BN_PASSES = 8  # minimal passes over the batch per training step (module docstring)
+_JSON_MARK = "BENCH_MODES_JSON "
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help="timed rounds per workload (>= 7)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (tracing, compiling)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for TF and torch")
+    parser.add_argument("--shape", default="64,56,56,64", help="N,H,W,C of the layer step's batch")
+    parser.add_argument("--batch", type=int, default=64, help="LeNet-BN batch size")
+    parser.add_argument("--lenet-steps", type=int, default=20, help="LeNet training steps per timed call")
+    parser.add_argument("--bandwidth-mib", type=int, default=512, help="size of the copy that measures bandwidth")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)}")
+    parser.add_argument("--json", help="write the table and every timing to this file")
+    parser.add_argument("--child", choices=tuple(BACKENDS), help=argparse.SUPPRESS)  # internal: one backend
+    args = parser.parse_args(argv)
+    if min(args.repeats, args.threads, args.batch, args.lenet_steps, args.bandwidth_mib) < 1 or args.warmup < 0:
+        parser.error("--repeats, --threads, --batch, --lenet-steps and --bandwidth-mib must be positive")
+    try:
+        shape = [int(v) for v in args.shape.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 4 or min(shape) < 1:
+        parser.error(f"--shape takes N,H,W,C as four positive integers; got {args.shape!r}")
+    args.shape = shape
+    backends = [b for b in args.backends.split(",") if b]
+    if not backends or set(backends) - set(BACKENDS):
+        parser.error(f"--backends takes a comma list of {', '.join(BACKENDS)}; got {args.backends!r}")
+    args.backends = backends
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- children
+
+
+def _inputs(shape, batch: int):
+    """Seeded batches shared by every backend: x, dy for the layer; images (NHWC) and labels for LeNet."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = (0.5 + rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    images = rng.random((batch, 28, 28, 1), dtype=np.float32)
+    labels = rng.integers(0, 10, batch).astype(np.int64)
+    return x, dy, images, labels
+
+
+def _keras_lenet(variant: str, jit_compile: bool):
+    import keras_bn
+
+    model = keras_bn.lenet_bn(variant, seed=0)
+    return keras_bn.compile_lenet(model, optimizer="sgd", lr=0.01, momentum=0.9, jit_compile=jit_compile)
+
+
+def _lenet_runner(model, images, labels, steps: int):
+    def run():
+        for _ in range(steps):
+            model.train_on_batch(images, labels)  # returns host-side logs: the step is done
+
+    return run
+
+
+def _tensorflow_child(args) -> tuple[dict, dict]:
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)  # before any op: pools fixed at first use
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import keras
+
+    import keras_bn
+
+    x_np, dy_np, images, labels = _inputs(args.shape, args.batch)
+    x, dy = tf.constant(x_np), tf.constant(dy_np)
+
+    def layer_step(layer, jit: bool):
+        layer.build(x.shape)
+
+        @tf.function(jit_compile=jit)
+        def step(x, dy):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+            return tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)
+
+        return lambda: step(x, dy)[1].numpy()  # synchronize on a small output
+
+    layer, lenet = {}, {}
+    for mode, jit in (("tf.function", False), ("tf xla", True)):
+        for variant, make in (("keras", keras.layers.BatchNormalization), ("ours", keras_bn.BatchNorm)):
+            layer[f"{mode}|{variant}"] = layer_step(make(), jit)
+            lenet[f"{mode}|{variant}"] = _lenet_runner(_keras_lenet(variant, jit), images, labels, args.lenet_steps)
+    threads = {"tensorflow": f"intra_op={tf.config.threading.get_intra_op_parallelism_threads()} inter_op=1"}
+    versions = {"tensorflow": tf.__version__, "keras": keras.__version__}
+    return {"layer": layer, "lenet": lenet}, {"threads": threads, "versions": versions}
+
+
+def _jax_child(args) -> tuple[dict, dict]:
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    import keras_bn
+
+    x_np, dy_np, images, labels = _inputs(args.shape, args.batch)
+    x, dy = jnp.asarray(x_np), jnp.asarray(dy_np)
+
+    def layer_step(layer):
+        layer.build(x.shape)
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        @jax.jit
+        def train_step(trainable, non_trainable, x, dy):
+            def forward(trainable, x):
+                return layer.stateless_call(trainable, non_trainable, x, training=True)
+
+            y, pullback, new_stats = jax.vjp(forward, trainable, x, has_aux=True)
+            grads, dx = pullback(dy)
+            return dx, grads, new_stats
+
+        return lambda: jax.block_until_ready(train_step(trainable, non_trainable, x, dy))
+
+    layer, lenet = {}, {}
+    for variant, make in (("keras", keras.layers.BatchNormalization), ("ours", keras_bn.BatchNorm)):
+        layer[f"jax jit|{variant}"] = layer_step(make())
+        lenet[f"jax jit|{variant}"] = _lenet_runner(_keras_lenet(variant, True), images, labels, args.lenet_steps)
+    cpus = machine_info()["usable_cpus"]
+    threads = {"jax": f"XLA:CPU's own pool (no per-process setting; {cpus} usable CPUs)"}
+    return {"layer": layer, "lenet": lenet}, {"threads": threads, "versions": {"jax": jax.__version__}}
+
+
+def _torch_child(args) -> tuple[dict, dict]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    import keras
+
+    import keras_bn
+    import torch_ref
+    from torch_ref.model import lenet_bn as torch_lenet_bn
+
+    x_np, dy_np, images, labels = _inputs(args.shape, args.batch)
+    channels = args.shape[3]
+
+    def layer_step(forward, params, x, dy):
+        x = x.requires_grad_(True)
+
+        def run():
+            y = forward(x)
+            return torch.autograd.grad(y, [x, *params], grad_outputs=dy)
+
+        return run
+
+    layer, lenet = {}, {}
+    x_nhwc, dy_nhwc = torch.from_numpy(x_np.copy()), torch.from_numpy(dy_np.copy())
+    for variant, make in (("keras", keras.layers.BatchNormalization), ("ours", keras_bn.BatchNorm)):
+        bn = make()
+        bn.build(tuple(args.shape))
+        params = [bn.gamma.value, bn.beta.value]
+        layer[f"keras torch|{variant}"] = layer_step(lambda x, bn=bn: bn(x, training=True), params, x_nhwc, dy_nhwc)
+        lenet[f"keras torch|{variant}"] = _lenet_runner(_keras_lenet(variant, False), images, labels, args.lenet_steps)
+
+    # Plain PyTorch: NCHW, Keras' defaults (eps 1e-3, momentum 0.01 in torch's convention) for the layer.
+    x_nchw = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
+    dy_nchw = torch.from_numpy(dy_np.transpose(0, 3, 1, 2).copy())
+    images_nchw = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    labels_t = torch.from_numpy(labels)
+    for variant, module, builder_arg in (
+        ("torch.nn", torch.nn.BatchNorm2d, "torch"),
+        ("torch_ref", torch_ref.BatchNorm2d, "ours"),
+    ):
+        bn = module(channels, eps=1e-3, momentum=0.01).train()
+        layer[f"pytorch|{variant}"] = layer_step(bn, [bn.weight, bn.bias], x_nchw, dy_nchw)
+        model = torch_lenet_bn(builder_arg, seed=0)
+        lenet[f"pytorch|{variant}"] = _torch_lenet_runner(model, images_nchw, labels_t, args.lenet_steps)
+    threads = {"torch": f"set_num_threads={torch.get_num_threads()} interop=1"}
+    versions = {"torch": torch.__version__, "keras": keras.__version__}
+    return {"layer": layer, "lenet": lenet}, {"threads": threads, "versions": versions}
+
+
+def _torch_lenet_runner(model, images, labels, steps: int):
+    import torch
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(images), labels)
+            loss.backward()
+            optimizer.step()
+        return loss.item()
+
+    return run
+
+
+def child_main(args) -> int:
+    """Time one backend's variants and print one JSON line (seconds per call, per round)."""
+    build = {"tensorflow": _tensorflow_child, "jax": _jax_child, "torch": _torch_child}[args.child]
+    workloads, about = build(args)
+    seconds = {name: interleaved_rounds(variants, args.repeats, args.warmup) for name, variants in workloads.items()}
+    print(_JSON_MARK + json.dumps({"backend": args.child, "seconds": seconds, **about}), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parent
+
+
+def memory_bandwidth(mib: int, repeats: int = 5) -> dict:
+    """GB/s of a ``mib`` MiB numpy copy (bytes read + written over the median time), one thread."""
+    import numpy as np
+
+    source = np.ones(mib * 2**20 // 8, dtype=np.float64)
+    target = np.empty_like(source)
+    np.copyto(target, source)  # first touch: page faults are not bandwidth
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"bytes": 2 * source.nbytes, "median_s": median, "gb_per_s": 2 * source.nbytes / median / 1e9}
+
+
+def run_child(backend: str, argv: list[str]) -> dict:
+    """One backend's timings from a fresh process with ``KERAS_BACKEND`` set; its stderr passes through."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", backend]
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(_JSON_MARK)]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"bench_modes: the {backend} child failed (exit {done.returncode}); see its stderr above")
+    return json.loads(lines[-1][len(_JSON_MARK) :])
+
+
+def _row(workload: str, key: str, seconds: list[float], per: int, moved_bytes: int, bandwidth: float) -> dict:
+    """Median and quartiles per step (``per`` steps per timed call); GB/s over ``moved_bytes`` if given."""
+    mode, variant = key.split("|")
+    stats = {name: value / per for name, value in spread(seconds).items()}
+    row = {"workload": workload, "mode": mode, "variant": variant, **{f"{k}_ms": 1e3 * v for k, v in stats.items()}}
+    if moved_bytes:
+        row["gb_per_s"] = moved_bytes / stats["median"] / 1e9
+        row["fraction_of_bandwidth"] = row["gb_per_s"] / bandwidth
+    return row
+
+
+def assemble(children: list[dict], args, bandwidth: dict, load_average: list[float]) -> dict:
+    """The table: every (workload, mode, variant) row with median and quartiles, then the goals' ratios."""
+    n, h, w, c = args.shape
+    layer_bytes = BN_PASSES * n * h * w * c * 4
+    seconds = {workload: {} for workload in ("layer", "lenet")}
+    for child in children:
+        for workload, timings in child["seconds"].items():
+            seconds[workload].update(timings)
+    rows = []
+    for key, values in seconds["layer"].items():
+        rows.append(_row("layer", key, values, 1, layer_bytes, bandwidth["gb_per_s"]))
+    for key, values in seconds["lenet"].items():
+        row = _row("lenet", key, values, args.lenet_steps, 0, bandwidth["gb_per_s"])
+        row["samples_per_s"] = 1e3 * args.batch / row["median_ms"]
+        rows.append(row)
+
+    goals = []
+
+    def goal(workload: str, claim: str, num: str, den: str, limit: float | None, paired: bool) -> None:
+        if num not in seconds[workload] or den not in seconds[workload]:
+            return
+        a, b = seconds[workload][num], seconds[workload][den]
+        ratio = paired_ratio(a, b) if paired else statistics.median(a) / statistics.median(b)
+        verdict = "info" if limit is None else ("PASS" if ratio <= limit else "MISS")
+        goals.append(
+            {"workload": workload, "claim": claim, "numerator": num, "denominator": den, "ratio": ratio}
+            | {"ratio_kind": "median of per-round ratios" if paired else "ratio of medians"}
+            | {"goal": limit, "verdict": verdict}
+        )
+
+    for workload in ("layer", "lenet"):
+        for mode in (m for b in args.backends for m in BACKENDS[b] if m != "pytorch"):
+            goal(workload, f"ours / Keras' layer, {mode}", f"{mode}|ours", f"{mode}|keras", 1.00, True)
+    for mode in ("tf.function", "tf xla"):
+        goal("layer", f"TF ours ({mode}) / torch.nn.BatchNorm2d", f"{mode}|ours", "pytorch|torch.nn", 1.25, False)
+    goal("lenet", "torch_ref / torch.nn, PyTorch loop", "pytorch|torch_ref", "pytorch|torch.nn", 1.25, True)
+    goal("layer", "torch_ref / torch.nn, layer step", "pytorch|torch_ref", "pytorch|torch.nn", None, True)
+
+    threads, versions = {}, {"python": platform.python_version()}
+    for child in children:
+        threads |= child["threads"]
+        versions |= child["versions"]
+    threads["numpy copy"] = "1 thread"
+    return {
+        "machine": machine_info(),
+        "command": "python bench/bench_modes.py " + " ".join(sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        # 1-minute load average before and after: on a shared machine it says how much else was running
+        "load_average": {"start": load_average[0], "end": os.getloadavg()[0]},
+        "settings": {
+            "shape": args.shape,
+            "batch": args.batch,
+            "lenet_steps": args.lenet_steps,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "smoke": args.repeats < MIN_REPEATS,
+        },
+        "threads": threads,
+        "versions": versions,
+        "bandwidth": bandwidth,
+        "layer_bytes_moved": layer_bytes,
+        "rows": rows,
+        "goals": goals,
+        "seconds": seconds,
+    }
+
+
+def print_table(result: dict) -> None:
+    settings, bandwidth = result["settings"], result["bandwidth"]
+    print(f"machine: {describe_machine(result['machine'])} (figures hold for this CPU only)")
+    print("threads: " + "; ".join(f"{k} {v}" for k, v in result["threads"].items()))
+    load = result["load_average"]
+    print(f"1-minute load average: {load['start']:.1f} at start, {load['end']:.1f} at end")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
+    moved = f"{bandwidth['bytes'] / 2**20:.0f} MiB moved"
+    print(f"memory bandwidth: {bandwidth['gb_per_s']:.1f} GB/s (numpy copy, one thread, {moved})")
+    shape = "x".join(map(str, settings["shape"]))
+    print(f"{settings['repeats']} interleaved rounds per process after {settings['warmup']} warm-up")
+    if settings["smoke"]:
+        print(f"SMOKE RUN: fewer than {MIN_REPEATS} rounds, not a result")
+    print(f"\nlayer step {shape} float32, fwd+bwd+update; GB/s over {result['layer_bytes_moved'] / 1e6:.3g} MB moved")
+    print(f"{'mode':12s} {'variant':10s} {'median ms':>10s} {'IQR ms':>9s} {'GB/s':>7s} {'of bw':>6s}")
+    for r in (r for r in result["rows"] if r["workload"] == "layer"):
+        print(
+            f"{r['mode']:12s} {r['variant']:10s} {r['median_ms']:10.2f} {r['iqr_ms']:9.2f} "
+            f"{r['gb_per_s']:7.1f} {r['fraction_of_bandwidth']:6.0%}"
+        )
+    print(f"\nLeNet-BN training, batch {settings['batch']}, {settings['lenet_steps']} steps per timed call")
+    print(f"{'mode':12s} {'variant':10s} {'ms/step':>10s} {'IQR ms':>9s} {'samples/s':>10s}")
+    for r in (r for r in result["rows"] if r["workload"] == "lenet"):
+        print(
+            f"{r['mode']:12s} {r['variant']:10s} {r['median_ms']:10.2f} {r['iqr_ms']:9.2f} {r['samples_per_s']:10.0f}"
+        )
+    print(f"\n{'workload':8s} {'claim':45s} {'ratio':>6s} {'goal':>6s}  verdict")
+    for g in result["goals"]:
+        limit = "-" if g["goal"] is None else f"<={g['goal']:.2f}"
+        print(f"{g['workload']:8s} {g['claim']:45s} {g['ratio']:6.3f} {limit:>6s}  {g['verdict']}")
+    print("ratios are time / time: below 1 is faster; within a mode: median of per-round ratios")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.child:
+        return child_main(args)
+    print(f"machine: {describe_machine()}", flush=True)
+    load_at_start = os.getloadavg()[0]
+    bandwidth = memory_bandwidth(args.bandwidth_mib)
+    child_argv = list(sys.argv[1:] if argv is None else argv)
+    children = []
+    for backend in args.backends:
+        started = time.perf_counter()
+        children.append(run_child(backend, child_argv))
+        print(f"[{backend}] {time.perf_counter() - started:.0f} s", flush=True)
+    result = assemble(children, args, bandwidth, [load_at_start])
+    print()
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
