@@ -11,10 +11,18 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["VARIANT_LABELS", "bn1_lines", "epoch_table", "header_line", "wall_seconds"]
+__all__ = ["bn1_lines", "epoch_table", "header_line", "variant_label", "wall_seconds"]
 
-#: JSON variant key -> what the table calls it (d2l's chapter: "from scratch" and "concise" BN)
+#: JSON variant key -> what the tables and plots call it
 VARIANT_LABELS = {"ours": "keras_bn.BatchNorm", "keras": "Keras' BatchNormalization", "none": "no BN"}
+#: d2l's chapter trains two BN versions: its from-scratch one (our layer's "d2l" convention) and the framework's
+D2L_LABELS = {"ours": "keras_bn.BatchNorm, d2l convention (from scratch)", "keras": "Keras' BN (d2l's concise)"}
+
+
+def variant_label(recipe: str, variant: str) -> str:
+    """What a table row or plot legend calls ``variant`` of ``recipe``."""
+    labels = D2L_LABELS if recipe == "d2l-lenet-bn" else {}
+    return labels.get(variant) or VARIANT_LABELS.get(variant, variant)
 
 
 def _pct(value: float) -> str:
@@ -35,7 +43,7 @@ def epoch_table(result: Mapping[str, Any]) -> list[str]:
     """Per epoch: each variant's test accuracy in % as mean ± sample sd (min..max) over seeds, then the source's."""
     variants = list(result["variants"])
     sources = result.get("source_figures") or {}
-    header = ["epoch", *[f"{VARIANT_LABELS.get(v, v)} test acc. %" for v in variants]]
+    header = ["epoch", *[f"{variant_label(result['recipe'], v)}, test acc. %" for v in variants]]
     header += [f"source, {label}" for label in sources]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for epoch in range(result["epochs"]):
@@ -65,7 +73,7 @@ def bn1_lines(result: Mapping[str, Any]) -> list[str]:
             for values in per_channel:
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
                 cells.append(f"{statistics.fmean(values):.3f} ± {sd:.3f}")
-            lines.append(f"- {VARIANT_LABELS.get(variant, variant)}, bn1 {name}: " + ", ".join(cells))
+            lines.append(f"- {variant_label(result['recipe'], variant)}, bn1 {name}: " + ", ".join(cells))
     return lines
 
 

@@ -56,9 +56,9 @@ def test_the_default_run_deselects_slow_tests():
     assert "1 deselected" in collected
 
 
-# --- issue #14 (performance per mode): the generated block against its JSON ------------------------------------------
-# The oracle recomputes every ratio from the raw per-round values with `statistics`, independently of
-# bench/_timing.py, which produced the committed text.
+# --- issue #12 (recipes over seeds) and #14 (performance per mode): the generated blocks against their JSON ---------
+# The oracles recompute every figure from the raw per-seed / per-round values with `statistics`, independently of
+# bench_recipes.summarize, bench/recipe_tables.py and bench/_timing.py, which produced the committed text.
 
 
 def _block(readme: str, name: str) -> str:
@@ -77,6 +77,55 @@ def _tables(block: str) -> list[list[list[str]]]:
             tables.append(current[2:])
             current = []
     return tables
+
+
+_CELL = re.compile(r"(?P<mean>[\d.]+) ± (?P<sd>[\d.]+) \((?P<low>[\d.]+)\.\.(?P<high>[\d.]+)\)")
+
+
+def test_recipe_seed_tables_state_mean_sd_and_range_over_the_seeds_of_the_json():
+    tables = _readme_tables()
+    rendered = _tables(_block((ROOT / "README.md").read_text(), "recipe-seeds"))
+    assert len(rendered) == len(tables.RECIPE_SEEDS)
+    for rows, recipe in zip(rendered, tables.RECIPE_SEEDS, strict=True):
+        result = tables.load_report(tables.recipe_seeds_report(recipe))["results"][recipe]
+        assert len(rows) == result["epochs"], recipe
+        for epoch, row in enumerate(rows):
+            assert row[0] == str(epoch + 1)
+            for cell, entry in zip(row[1:], result["variants"].values(), strict=False):
+                accuracies = [100 * run["val_accuracy"][epoch] for run in entry["runs"]]
+                expected = {
+                    "mean": statistics.fmean(accuracies),
+                    "sd": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                    "low": min(accuracies),
+                    "high": max(accuracies),
+                }
+                shown = _CELL.fullmatch(cell)
+                assert shown, (recipe, epoch, cell)
+                for key, value in expected.items():
+                    # printed with 2 decimals: half a unit of the last digit, plus float64 rounding of 100 * acc
+                    assert abs(float(shown[key]) - value) <= 0.005 + 1e-9, (recipe, epoch + 1, key, cell)
+
+
+def test_recipe_seed_blocks_name_their_figure_and_say_when_a_run_was_shortened():
+    tables = _readme_tables()
+    block = _block((ROOT / "README.md").read_text(), "recipe-seeds")
+    parts = re.split(r"(?=^\*\*)", block, flags=re.M)[1:]
+    assert len(parts) == len(tables.RECIPE_SEEDS)
+    for part, recipe in zip(parts, tables.RECIPE_SEEDS, strict=True):
+        result = tables.load_report(tables.recipe_seeds_report(recipe))["results"][recipe]
+        assert f"]({tables.recipe_plot_path(recipe)})" in part, recipe
+        assert (ROOT / tables.recipe_plot_path(recipe)).is_file(), recipe
+        assert ("SMOKE RUN" in part) == (not result["full_length"]), recipe
+
+
+def test_recipe_plots_draw_one_png_per_recipe(tmp_path):
+    pytest.importorskip("matplotlib")
+    command = [sys.executable, str(ROOT / "tools" / "recipe_plots.py"), "--out-dir", str(tmp_path)]
+    subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True)
+    tables = _readme_tables()
+    for recipe in tables.RECIPE_SEEDS:
+        png = tmp_path / Path(tables.recipe_plot_path(recipe)).name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", recipe
 
 
 def test_performance_goals_follow_from_the_recorded_timings():

@@ -195,9 +195,38 @@ RENDERERS: dict[str, Callable[[Mapping[str, dict[str, Any]]], str]] = {
 }
 
 
-# --- bench/bench_modes.py (issue #14) --------------------------------------------------------------------------------
+# --- bench/bench_modes.py (issue #14) and bench/bench_recipes.py over seeds (issue #12) ---------------------------
 
 BENCH_OUTPUTS["bench-modes"] = "python bench/bench_modes.py --json docs/results/bench-modes.json"
+#: bench_recipes.py's JSON per recipe: full length over seeds 0, 1, 2, run by the command beside each stem.
+RECIPE_SEEDS = {
+    "d2l-lenet-bn": "python bench/bench_recipes.py --models d2l-lenet-bn --json docs/results/recipes-d2l-lenet-bn.json",
+    "lenet5": "python bench/bench_recipes.py --models lenet5 --json docs/results/recipes-lenet5.json",
+}
+
+
+def recipe_seeds_report(recipe: str, results: Path = RESULTS) -> str:
+    """``recipes-<recipe>``, or ``recipes-<recipe>.smoke`` (a shortened run) while the full-length file is absent."""
+    stem = f"recipes-{recipe}"
+    return stem if (results / f"{stem}.json").exists() else f"{stem}.smoke"
+
+
+BENCH_OUTPUTS |= {recipe_seeds_report(recipe): command for recipe, command in RECIPE_SEEDS.items()}
+
+
+def recipe_plot_path(recipe: str) -> str:
+    """Where tools/recipe_plots.py writes the recipe's figure, relative to the repository root."""
+    return f"docs/recipes-{recipe}.png"
+
+
+def load_recipe_tables():
+    """bench/recipe_tables.py: bench_recipes.py prints the same table, so both come from one function."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import recipe_tables
+    finally:
+        sys.path.pop(0)
+    return recipe_tables
 
 
 def _without_json(argv: list[str]) -> str:
@@ -206,6 +235,39 @@ def _without_json(argv: list[str]) -> str:
         at = argv.index("--json")
         argv = argv[:at] + argv[at + 2 :]
     return " ".join(argv)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.0f} min"
+
+
+def render_recipe_seeds(reports: Mapping[str, dict[str, Any]]) -> str:
+    from export.recipes import RECIPES
+
+    tables = load_recipe_tables()
+    lines = []
+    for recipe_name, command in RECIPE_SEEDS.items():
+        name = recipe_seeds_report(recipe_name)
+        saved = reports[name]
+        result = saved["results"][recipe_name]
+        recipe = RECIPES[recipe_name]
+        ran = f"`{_without_json(['python', 'bench/bench_recipes.py', *saved['argv']])}`"
+        if not result["full_length"]:
+            ran += f", standing in until `{command}` has run,"
+        lines += [
+            f"**{recipe.title}**, {recipe.optimizer.upper()} lr {recipe.lr:g}, batch {recipe.batch_size}; "
+            f"{tables.header_line(result)}. {ran} on {_machine(saved)}: "
+            f"{_duration(tables.wall_seconds(result))} of training, one run after another "
+            f"([`docs/results/{name}.json`](docs/results/{name}.json)).",
+            "",
+            *tables.epoch_table(result),
+            "",
+            *tables.bn1_lines(result),
+            "",
+            f"![{recipe.title}: test accuracy per epoch over seeds]({recipe_plot_path(recipe_name)})",
+            "",
+        ]
+    return "\n".join(lines)
 
 
 def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
@@ -261,7 +323,7 @@ def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS |= {"performance": render_performance}
+RENDERERS |= {"performance": render_performance, "recipe-seeds": render_recipe_seeds}
 
 
 def render(readme: str, reports: Mapping[str, dict[str, Any]]) -> str:
