@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.agreement import compare_pair
     from export.data import load_dataset, to_nhwc_float
-    from export.machine import describe_machine
+    from export.machine import describe_machine, machine_info
     from export.onnx_export import export_all
 
     if (args.data_dir / "t10k-images-idx3-ubyte.gz").exists() or args.data_dir.is_dir():
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(
             json.dumps(
                 {
-                    "machine": describe_machine(),
+                    "machine": machine_info(),  # CPU model, vector extensions, cores (export/machine.py)
                     "baseline": BASELINE,
                     "threads": threads,
                     "batch": args.batch,

@@ -164,11 +164,13 @@ BENCH_OUTPUTS = {
 
 def render_inference(reports: Mapping[str, dict[str, Any]]) -> str:
     bench = reports["bench-inference"]
+    # machine_info()'s record; files written before it was stored hold describe_machine()'s line instead
+    machine = bench["machine"] if isinstance(bench["machine"], str) else _machine(bench)
     rows = bench["rows"]
     baseline = bench["baseline"]
     batch = bench["batch"]
     lines = [
-        f"`{BENCH_OUTPUTS['bench-inference']}` on {bench['machine']}, {bench['rounds']} interleaved rounds, "
+        f"`{BENCH_OUTPUTS['bench-inference']}` on {machine}, {bench['rounds']} interleaved rounds, "
         f"threads: {'; '.join(f'{k} {v}' for k, v in bench['threads'].items())}. Ratios are time / time of "
         f"`{baseline}` (below 1: faster). This CPU only.",
         "",
