@@ -65,8 +65,6 @@ BACKENDS = {
     "jax": ("jax jit",),
     "torch": ("keras torch", "pytorch"),
 }
-KERAS_VARIANTS = ("keras", "ours")
-TORCH_VARIANTS = ("torch.nn", "torch_ref")
 MIN_REPEATS = 7  # fewer is a smoke run: the table says so
 BN_PASSES = 8  # minimal passes over the batch per training step (module docstring)
 _JSON_MARK = "BENCH_MODES_JSON "
@@ -151,9 +149,10 @@ def _tensorflow_child(args) -> tuple[dict, dict]:
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 y = layer(x, training=True)
-            return tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)
+            # y is returned too, so that no compiler drops the forward's last pass as unused
+            return y, *tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)
 
-        return lambda: step(x, dy)[1].numpy()  # synchronize on a small output
+        return lambda: step(x, dy)[2].numpy()  # synchronize on a small output (dgamma)
 
     layer, lenet = {}, {}
     for mode, jit in (("tf.function", False), ("tf xla", True)):
@@ -187,7 +186,7 @@ def _jax_child(args) -> tuple[dict, dict]:
 
             y, pullback, new_stats = jax.vjp(forward, trainable, x, has_aux=True)
             grads, dx = pullback(dy)
-            return dx, grads, new_stats
+            return y, dx, grads, new_stats  # y returned: XLA must not drop the forward's last pass as unused
 
         return lambda: jax.block_until_ready(train_step(trainable, non_trainable, x, dy))
 
@@ -219,7 +218,7 @@ def _torch_child(args) -> tuple[dict, dict]:
 
         def run():
             y = forward(x)
-            return torch.autograd.grad(y, [x, *params], grad_outputs=dy)
+            return y, torch.autograd.grad(y, [x, *params], grad_outputs=dy)
 
         return run
 
