@@ -3,7 +3,7 @@
 The long version of tests/test_torch_conformance.py. Keras: keras_bn.BatchNorm(convention="torch",
 momentum=0.1, epsilon=1e-5); PyTorch: torch.nn.BatchNorm*d (SGD runs) or torch_ref.BatchNorm*d
 (Adam runs). Both start from the same weights and train on the same MNIST *training* batches in
-the same order with matched optimizers (torch_ref.conformance). After every step each parameter and
+the same order with matched optimizers (tests/lockstep.py). After every step each parameter and
 moving statistic is compared; the table prints the maximum |keras - torch| over each window of
 ``--every`` steps, the tensor where it occurred and how many ReLU/max-pool decisions PyTorch took
 differently (overridden in "routed" runs, counted only there). Then the Keras model trained by the
@@ -33,6 +33,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from export.machine import describe_machine, machine_info  # noqa: E402
 
+# The lockstep harness is test infrastructure (tests/lockstep.py); this is its long run.
+TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 # id: dtype, optimizer, lr, momentum, torch BN, follow Keras' ReLU/pool decisions
@@ -78,7 +80,9 @@ def _run(run_id: str, args, images, labels, log):
 
     import keras_bn
     import torch_ref
-    from torch_ref.conformance import train_lockstep
+
+    sys.path.insert(0, str(TESTS_DIR))
+    from lockstep import train_lockstep
 
     dtype, optimizer, lr, momentum, torch_bn, routed = RUNS[run_id]
     # Keras caches the global dtype policy at the first layer built: set it, not only floatx.
@@ -112,7 +116,7 @@ def _run(run_id: str, args, images, labels, log):
 
 
 def _window_table(run_id: str, history, every: int) -> dict:
-    def core(e) -> float:  # parameter entries BN does not cancel (torch_ref.conformance docstring)
+    def core(e) -> float:  # parameter entries BN does not cancel (tests/lockstep.py docstring)
         return e.max_param_bn_variant
 
     print(f"\n== {run_id}: max |keras - torch| per {every} steps (statistics relative to max(1, |value|))")

@@ -1,7 +1,7 @@
 """Keras LeNet-BN and PyTorch LeNet-BN trained in lockstep on MNIST test images, compared after every step.
 
 Both start from the same weights (keras_to_torch), see the same 32-image batches in the same order and
-use matched optimizers (torch_ref.conformance). Keras side: keras_bn.BatchNorm(convention="torch",
+use matched optimizers (tests/lockstep.py). Keras side: keras_bn.BatchNorm(convention="torch",
 momentum=0.1, epsilon=1e-5); PyTorch side: torch.nn.BatchNorm*d or torch_ref.BatchNorm*d.
 
 What the runs show (numbers from `python bench/bench_conformance.py`):
@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 import torch
 from _convert_models import floatx
+from lockstep import StepDivergence, train_lockstep
 
 import keras_bn
 import torch_ref
 from export.data import load_dataset, to_nhwc_float
-from torch_ref.conformance import StepDivergence, train_lockstep
 
 STEPS = 50
 BATCH = 32

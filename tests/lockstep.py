@@ -1,5 +1,8 @@
 """Train a Keras model and its PyTorch twin in lockstep and measure how far apart they drift.
 
+Test infrastructure, not part of torch_ref: tests/test_torch_conformance.py runs it for 50 steps,
+bench/bench_conformance.py for 300.
+
 Both start from the same weights (``keras_to_torch``), see the same batches in the same order and
 take one optimizer step per batch. After every step each PyTorch tensor is compared with its Keras
 counterpart mapped into PyTorch layout by the (bit-exact) transfer, so a divergence is reported
