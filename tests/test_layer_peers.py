@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from cases import case, momentum_id
 from numerics import close, tolerance
 
 import keras_bn
@@ -60,16 +61,19 @@ def _compare_weights(ours, builtin, step):
 
 
 KERAS_CASES = [
-    ("nhwc-fused", (4, 5, 6, 3), -1, True),
-    ("nhwc-generic", (4, 5, 6, 3), -1, False),
-    ("nchw-fused", (4, 3, 5, 6), 1, True),
-    ("nc-fused", (32, 6), -1, True),
-    ("ntc-generic", (4, 7, 5), -1, False),
-    ("ncdhw-fused", (2, 3, 3, 4, 5), 1, True),
+    case(shape, axis, fused, peer="keras-builtin", layout=layout, detail="fused" if fused else "generic")
+    for layout, shape, axis, fused in [
+        ("nhwc", (4, 5, 6, 3), -1, True),
+        ("nhwc", (4, 5, 6, 3), -1, False),
+        ("nchw", (4, 3, 5, 6), 1, True),
+        ("nc", (32, 6), -1, True),
+        ("nlc", (4, 7, 5), -1, False),
+        ("ncdhw", (2, 3, 3, 4, 5), 1, True),
+    ]
 ]
 
 
-@pytest.mark.parametrize(("shape", "axis", "fused"), [c[1:] for c in KERAS_CASES], ids=[c[0] for c in KERAS_CASES])
+@pytest.mark.parametrize(("shape", "axis", "fused"), KERAS_CASES)
 def test_default_layer_matches_keras_builtin_step_by_step(rng, shape, axis, fused):
     builtin = keras.layers.BatchNormalization(axis=axis, momentum=0.9)
     ours = keras_bn.BatchNorm(axis=axis, momentum=0.9, fused=fused)
@@ -182,16 +186,19 @@ def test_weights_transfer_both_ways_with_keras_builtin(rng):
 # --- torch.nn.BatchNorm --------------------------------------------------------------------------
 
 TORCH_CASES = [
-    ("BatchNorm1d-nc", "BatchNorm1d", (16, 5), None),
-    ("BatchNorm1d-ncl", "BatchNorm1d", (4, 5, 7), None),
-    ("BatchNorm2d-nchw", "BatchNorm2d", (4, 3, 6, 5), None),
-    ("BatchNorm2d-nhwc", "BatchNorm2d", (4, 3, 6, 5), (0, 2, 3, 1)),
-    ("BatchNorm3d-ncdhw", "BatchNorm3d", (2, 3, 3, 4, 5), None),
+    case(module, shape, perm, momentum, peer=f"torch.nn.{module}", layout=layout, detail=momentum_id(momentum))
+    for module, layout, shape, perm in [
+        ("BatchNorm1d", "nc", (16, 5), None),
+        ("BatchNorm1d", "ncl", (4, 5, 7), None),
+        ("BatchNorm2d", "nchw", (4, 3, 6, 5), None),
+        ("BatchNorm2d", "nhwc", (4, 3, 6, 5), (0, 2, 3, 1)),
+        ("BatchNorm3d", "ncdhw", (2, 3, 3, 4, 5), None),
+    ]
+    for momentum in (0.1, None)
 ]
 
 
-@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum-0.1", "momentum-None"])
-@pytest.mark.parametrize(("module", "shape", "perm"), [c[1:] for c in TORCH_CASES], ids=[c[0] for c in TORCH_CASES])
+@pytest.mark.parametrize(("module", "shape", "perm", "momentum"), TORCH_CASES)
 def test_torch_convention_matches_torch_batchnorm_step_by_step(rng, module, shape, perm, momentum):
     """convention='torch' = torch.nn.BatchNormNd in training: unbiased running var, eps 1e-5.
 
@@ -328,11 +335,11 @@ def test_layer_runs_and_matches_spec_under_keras_torch_backend():
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert "was called in training mode while its previous moving-statistics update" in errors.pop("forgot")
-    for case in ("grad-4d-axis-1", "grad-4d-axis1"):
-        err = errors.pop(case)
+    for run in ("grad-4d-axis-1", "grad-4d-axis1"):
+        err = errors.pop(run)
         # dx O(1) within 1e-5; dgamma/dbeta sum 120 terms of O(3): 1e-4
-        assert err["dx"] < OUT_TOL.atol and max(err["dgamma"], err["dbeta"]) < PARAM_GRAD_TOL.atol, (case, err)
+        assert err["dx"] < OUT_TOL.atol and max(err["dgamma"], err["dbeta"]) < PARAM_GRAD_TOL.atol, (run, err)
     assert len(errors) == 5
-    for case, err in errors.items():
-        assert err["y"] < OUT_TOL.atol and err["infer"] < OUT_TOL.atol, (case, err)
-        assert err["stats"] < STAT_TOL.rtol, (case, err)
+    for run, err in errors.items():
+        assert err["y"] < OUT_TOL.atol and err["infer"] < OUT_TOL.atol, (run, err)
+        assert err["stats"] < STAT_TOL.rtol, (run, err)
