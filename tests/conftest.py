@@ -56,3 +56,13 @@ def mnist_dir() -> Path:
 def fashion_dir() -> Path:
     """The canonical Fashion-MNIST IDX files, with mnist_dir's rule."""
     return _canonical_data("fashion", "Fashion-MNIST")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_peer_errors(request: pytest.FixtureRequest):
+    """A module that records its errors against peers in a ``PEERS`` (tests/_peer_errors.py) prints the
+    largest ones after its last test (``pytest -s``), so a closing note can quote them."""
+    yield
+    peers = getattr(request.module, "PEERS", None)
+    if peers is not None:
+        print(peers.report())

@@ -5,6 +5,8 @@ finds the figure and its reason in one place. The kinds:
 
 - ``rerounded``: the same formula evaluated in a narrower dtype than the reference (a float32 layer
   against the float64 spec). The only error is rounding, a few ulp of the data's magnitude.
+- ``peer-vs-spec``: a peer framework's own layer or kernel against the float64 spec or the golden
+  vectors: SPEC.md §8.4's figures as written there.
 - ``summation-order``: two implementations of the same formula that sum in different orders or
   accumulate in different dtypes (torch_ref vs ATen, which accumulates float32 moments in double;
   synchronized replicas vs one device). A float32 pairwise sum over m <= 1e3 values errs by about
@@ -13,12 +15,13 @@ finds the figure and its reason in one place. The kinds:
   each with its own op order and accumulation dtype; measured <= 1e-6 for O(1..10) data.
 - ``compiled``: the same computation traced by tf.function or XLA against eager execution, which may
   fuse or reorder reductions: a few ulp per step over 4-8 optimizer steps of O(1) values.
-- ``autodiff``: our closed-form backward (spec/SPEC.md §4) against automatic differentiation of
-  the forward, or a fused kernel against the generic op sequence.
+- ``autodiff``: a peer's automatic differentiation of its forward (torch autograd, tf.GradientTape)
+  against the closed-form backward of spec/SPEC.md §4.
 
-Quantities: ``y`` (outputs and dx, O(1..5)), ``param-grad`` (dgamma, dbeta: sums of m = 32..600
-products of O(1..3) terms, so their rounding grows with m: an absolute bound of 1e-4) and ``stats``
-(running statistics: float32 variables re-rounded at every update, about 10 updates per test).
+Quantities: ``y`` (outputs and dx, O(1..5)), ``grad`` (dx, dgamma, dbeta together), ``param-grad``
+(dgamma, dbeta: sums of m = 32..600 products of O(1..3) terms, so their rounding grows with m: an
+absolute bound of 1e-4) and ``stats`` (running statistics: float32 variables re-rounded at every
+update, about 10 updates per test).
 
 A wrong formula is far outside every bound here: a missing Bessel factor, an unsynchronized replica
 or a swapped convention moves results by O(1/m) >= 1e-3 relative.
@@ -51,27 +54,30 @@ _F32_PARAM_GRAD = Tolerance(
 )
 
 TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
-    # --- a float32 layer against the float64 spec --------------------------------------------------
+    # --- our float32 layer against the float64 spec ------------------------------------------------
     ("rerounded", "float32", "y"): _F32_Y,
     ("rerounded", "float32", "stats"): Tolerance(
-        2e-6, 1e-7, "SPEC §8.4 float32 running statistics: 10 float32 updates, each re-rounded (~6e-8 each)"
+        2e-6, 1e-7, "10-12 float32 updates of O(1..10) values, each re-rounded (~6e-8): ~15 ulp; 1e-7 for means near 0"
     ),
-    ("rerounded", "float64", "y"): Tolerance(
-        1e-12, 1e-12, "SPEC §8.4 float64: the same computation in double, only the sums' order differs"
+    # --- a peer's layer (Keras BatchNormalization, torch.nn.BatchNormNd) against the spec: SPEC §8.4 -
+    ("peer-vs-spec", "float32", "y"): _F32_Y,
+    ("peer-vs-spec", "float32", "stats"): Tolerance(
+        2e-6, 1e-6, "SPEC §8.4 float32 running statistics: float32 buffers re-rounded at each of up to 12 steps"
     ),
-    ("rerounded", "float64", "stats"): Tolerance(1e-12, 1e-12, "as float64 y: a few double roundings per update"),
-    ("rerounded", "float16", "y"): Tolerance(
+    ("peer-vs-spec", "float64", "y"): Tolerance(
+        1e-12, 1e-12, "double on both sides, reordered sums only (tighter than SPEC §8.4's 1e-10: measured)"
+    ),
+    ("peer-vs-spec", "float64", "stats"): Tolerance(1e-12, 1e-12, "double on both sides, reordered sums only"),
+    ("peer-vs-spec", "float16", "y"): Tolerance(
         0.0, 4e-3, "SPEC §8.4 float16 y: one float16 ulp at |y| in [2, 4) is 2^-9 ~ 2e-3; both sides round once"
     ),
-    # --- peer frameworks (Keras BatchNormalization, torch.nn.BatchNormNd) ---------------------------
+    # --- our layer against a peer's layer, step by step ---------------------------------------------
     ("cross-framework", "float32", "y"): _F32_Y,
     ("cross-framework", "float32", "param-grad"): _F32_PARAM_GRAD,
     ("cross-framework", "float32", "stats"): Tolerance(
-        2e-6, 1e-7, "SPEC §8.4 float32 running statistics: both sides re-round float32 variables every step"
+        2e-6, 1e-7, "both sides re-round float32 variables at each of 10 steps (as rerounded stats)"
     ),
-    ("cross-framework", "float64", "y"): Tolerance(1e-12, 1e-12, "float64 on both sides: reordered sums only"),
-    ("cross-framework", "float64", "stats"): Tolerance(1e-12, 1e-12, "float64 on both sides: reordered sums only"),
-    # --- the same formula summed in another order (with close's scale) ---------------------------
+    # --- the same formula summed in another order (with close's scale) ----------------------------
     ("summation-order", "float32", "y"): Tolerance(
         1e-5,
         0.0,
@@ -81,15 +87,20 @@ TOLERANCES: dict[tuple[str, str, str], Tolerance] = {
     ("summation-order", "float64", "y"): Tolerance(
         1e-12, 0.0, "float64: both sides exact formulas in double, differing only in summation order"
     ),
-    # --- tf.function / XLA vs eager ------------------------------------------------------------------
-    ("compiled", "float32", "y"): _F32_Y,
-    ("compiled", "float32", "param-grad"): _F32_PARAM_GRAD,
     ("summation-order", "bfloat16", "y"): Tolerance(
         2.0**-7, 0.0, "both round a float32 result to bfloat16 (8 mantissa bits): at most 1 ulp = 2^-7 apart"
     ),
-    # --- closed form vs autodiff, fused kernel vs generic ops ----------------------------------------
-    ("autodiff", "float32", "y"): _F32_Y,
-    ("autodiff", "float32", "param-grad"): _F32_PARAM_GRAD,
+    # --- tf.function / XLA vs eager -----------------------------------------------------------------
+    ("compiled", "float32", "y"): _F32_Y,
+    ("compiled", "float32", "param-grad"): _F32_PARAM_GRAD,
+    # --- a peer's autodiff (torch autograd, tf.GradientTape) against SPEC §4's closed form ----------
+    ("autodiff", "float32", "grad"): Tolerance(
+        1e-5,
+        1e-4,
+        "SPEC §8.4 float32 dx: three O(m) terms cancel to O(1), ~m ulp of the largest (m <= 192); "
+        "dgamma/dbeta sum m O(1) products",
+    ),
+    ("autodiff", "float64", "grad"): Tolerance(1e-10, 1e-10, "SPEC §8.4 float64: 1e-10 relative"),
 }
 
 
