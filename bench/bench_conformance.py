@@ -76,13 +76,9 @@ def _set_threads() -> str:
 
 def _run(run_id: str, args, images, labels, log):
     import keras
-    import torch
-
-    import keras_bn
-    import torch_ref
 
     sys.path.insert(0, str(TESTS_DIR))
-    from lockstep import train_lockstep
+    from lockstep import train_lenet_lockstep
 
     dtype, optimizer, lr, momentum, torch_bn, routed = RUNS[run_id]
     # Keras caches the global dtype policy at the first layer built: set it, not only floatx.
@@ -90,14 +86,11 @@ def _run(run_id: str, args, images, labels, log):
     keras.config.set_floatx(dtype)
     keras.config.set_dtype_policy(dtype)
     try:
-        keras_model = keras_bn.lenet_bn("ours", convention="torch", momentum=0.1, epsilon=1e-5, seed=0)
-        torch_model = torch_ref.lenet_bn(torch_bn).to(getattr(torch, dtype))
         start = time.perf_counter()
-        assert keras_model.get_layer("conv1").kernel.dtype == dtype, "Keras did not build in the requested dtype"
-        history = train_lockstep(
-            keras_model,
-            torch_model,
-            images.astype(dtype),
+        keras_model, _, history = train_lenet_lockstep(
+            dtype,
+            torch_bn,
+            images,
             labels,
             optimizer=optimizer,
             lr=lr,

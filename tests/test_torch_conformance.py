@@ -25,9 +25,8 @@ import copy
 import keras
 import numpy as np
 import pytest
-import torch
 from _convert_models import floatx
-from lockstep import StepDivergence, train_lockstep
+from lockstep import StepDivergence, train_lenet_lockstep, train_lockstep
 
 import keras_bn
 import torch_ref
@@ -64,13 +63,10 @@ def _run(run_id: str, mnist_batches) -> tuple[list[StepDivergence], dict[str, np
         dtype, optimizer, lr, momentum, torch_bn, loop, routed = RUNS[run_id]
         images, labels = mnist_batches
         with floatx(dtype):
-            keras_model = keras_bn.lenet_bn("ours", convention="torch", momentum=0.1, epsilon=1e-5, seed=0)
-            assert all(v.dtype == dtype for v in keras_model.weights if v.dtype != "int64")
-            torch_model = torch_ref.lenet_bn(torch_bn).to(getattr(torch, dtype))
-            history = train_lockstep(
-                keras_model,
-                torch_model,
-                images.astype(dtype),
+            _, torch_model, history = train_lenet_lockstep(
+                dtype,
+                torch_bn,
+                images,
                 labels,
                 optimizer=optimizer,
                 lr=lr,
