@@ -66,3 +66,15 @@ def _report_peer_errors(request: pytest.FixtureRequest):
     peers = getattr(request.module, "PEERS", None)
     if peers is not None:
         print(peers.report())
+
+
+@pytest.fixture(scope="session")
+def mnist_test(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The canonical MNIST test set, (images uint8 (10000, 28, 28), labels), read once per session.
+
+    Shared by every test that needs it: treat the arrays as read-only.
+    """
+    from export.data import load_dataset  # the project's loader, itself checked by test_data.py
+
+    data = load_dataset("mnist", data_dir=mnist_dir)
+    return data.x_test, data.y_test

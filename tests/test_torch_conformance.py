@@ -30,7 +30,7 @@ from lockstep import StepDivergence, train_lenet_lockstep, train_lockstep
 
 import keras_bn
 import torch_ref
-from export.data import load_dataset, to_nhwc_float
+from export.data import to_nhwc_float
 
 STEPS = 50
 BATCH = 32
@@ -40,10 +40,10 @@ PRE_BN_BIASES = {"conv1.bias": "bn1", "conv2.bias": "bn2", "fc1.bias": "bn3", "f
 
 
 @pytest.fixture(scope="module")
-def mnist_batches(mnist_dir):
-    data = load_dataset("mnist", data_dir=mnist_dir)
+def mnist_batches(mnist_test):
+    images, labels = mnist_test
     n = STEPS * BATCH
-    return to_nhwc_float(data.x_test[:n]), data.y_test[:n]
+    return to_nhwc_float(images[:n]), labels[:n]
 
 
 RUNS = {
