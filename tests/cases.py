@@ -33,21 +33,9 @@ def case_id(
     return "-".join(named)
 
 
-def case(
-    *values: object,
-    peer: str | None = None,
-    layout: str | None = None,
-    dtype: str | None = None,
-    convention: str | None = None,
-    detail: str | None = None,
-    marks: Sequence[pytest.MarkDecorator] | pytest.MarkDecorator = (),
-) -> object:
-    """``pytest.param(*values)`` with the id ``case_id`` builds from the named parts."""
-    return pytest.param(
-        *values,
-        id=case_id(peer=peer, layout=layout, dtype=dtype, convention=convention, detail=detail),
-        marks=marks,
-    )
+def case(*values: object, marks: Sequence[pytest.MarkDecorator] | pytest.MarkDecorator = (), **parts: str | None):
+    """``pytest.param(*values)`` with the id ``case_id(**parts)`` builds (peer, layout, dtype, convention, detail)."""
+    return pytest.param(*values, id=case_id(**parts), marks=marks)
 
 
 def momentum_id(momentum: float | None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cases import case
 from numerics import close, tolerance
 
 import spec
@@ -50,9 +51,23 @@ def _pair(shape_id: str, config_id: str, dtype: torch.dtype):
     return ours, peer, shape
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("config_id", list(CONFIGS))
-@pytest.mark.parametrize("shape_id", list(SHAPES))
+STEP_CASES = [
+    case(
+        shape_id,
+        config_id,
+        dtype,
+        peer=f"torch.nn.BatchNorm{shape_id.split('-')[0]}",
+        layout=shape_id.split("-")[1],
+        dtype=str(dtype).removeprefix("torch."),
+        detail=config_id,
+    )
+    for shape_id in SHAPES
+    for dtype in (torch.float32, torch.float64)
+    for config_id in CONFIGS
+]
+
+
+@pytest.mark.parametrize(("shape_id", "config_id", "dtype"), STEP_CASES)
 def test_training_steps_match_torch_nn(shape_id: str, config_id: str, dtype: torch.dtype) -> None:
     """20 training steps (forward, backward, SGD on gamma/beta), then eval: every tensor equal to torch.nn's."""
     ours, peer, shape = _pair(shape_id, config_id, dtype)
