@@ -3,7 +3,7 @@
 The long version of tests/test_torch_conformance.py. Keras: keras_bn.BatchNorm(convention="torch",
 momentum=0.1, epsilon=1e-5); PyTorch: torch.nn.BatchNorm*d (SGD runs) or torch_ref.BatchNorm*d
 (Adam runs). Both start from the same weights and train on the same MNIST *training* batches in
-the same order with matched optimizers (torch_ref.conformance). After every step each parameter and
+the same order with matched optimizers (tests/lockstep.py). After every step each parameter and
 moving statistic is compared; the table prints the maximum |keras - torch| over each window of
 ``--every`` steps, the tensor where it occurred and how many ReLU/max-pool decisions PyTorch took
 differently (overridden in "routed" runs, counted only there). Then the Keras model trained by the
@@ -33,6 +33,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from export.machine import describe_machine, machine_info  # noqa: E402
 
+# The lockstep harness is test infrastructure (tests/lockstep.py); this is its long run.
+TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 # id: dtype, optimizer, lr, momentum, torch BN, follow Keras' ReLU/pool decisions
@@ -74,11 +76,9 @@ def _set_threads() -> str:
 
 def _run(run_id: str, args, images, labels, log):
     import keras
-    import torch
 
-    import keras_bn
-    import torch_ref
-    from torch_ref.conformance import train_lockstep
+    sys.path.insert(0, str(TESTS_DIR))
+    from lockstep import train_lenet_lockstep
 
     dtype, optimizer, lr, momentum, torch_bn, routed = RUNS[run_id]
     # Keras caches the global dtype policy at the first layer built: set it, not only floatx.
@@ -86,14 +86,11 @@ def _run(run_id: str, args, images, labels, log):
     keras.config.set_floatx(dtype)
     keras.config.set_dtype_policy(dtype)
     try:
-        keras_model = keras_bn.lenet_bn("ours", convention="torch", momentum=0.1, epsilon=1e-5, seed=0)
-        torch_model = torch_ref.lenet_bn(torch_bn).to(getattr(torch, dtype))
         start = time.perf_counter()
-        assert keras_model.get_layer("conv1").kernel.dtype == dtype, "Keras did not build in the requested dtype"
-        history = train_lockstep(
-            keras_model,
-            torch_model,
-            images.astype(dtype),
+        keras_model, _, history = train_lenet_lockstep(
+            dtype,
+            torch_bn,
+            images,
             labels,
             optimizer=optimizer,
             lr=lr,
@@ -112,7 +109,7 @@ def _run(run_id: str, args, images, labels, log):
 
 
 def _window_table(run_id: str, history, every: int) -> dict:
-    def core(e) -> float:  # parameter entries BN does not cancel (torch_ref.conformance docstring)
+    def core(e) -> float:  # parameter entries BN does not cancel (tests/lockstep.py docstring)
         return e.max_param_bn_variant
 
     print(f"\n== {run_id}: max |keras - torch| per {every} steps (statistics relative to max(1, |value|))")

@@ -6,23 +6,39 @@ The spec's peer tests print these maxima (``pytest -s``) so a closing note can q
 from __future__ import annotations
 
 import numpy as np
+from numerics import Tolerance, close
 
 
 class PeerErrors:
+    """Named ``PEERS`` in a test module, its report is printed after the module (tests/conftest.py)."""
+
     def __init__(self) -> None:
         self.largest: dict[str, tuple[float, float]] = {}
 
-    def agree(self, peer: str, got, want, *, rtol: float, atol: float, what: str = "", rel_floor: float = 1e-3):
-        """assert_allclose that also records the largest absolute and relative error per peer and dtype.
+    def agree(
+        self,
+        peer: str,
+        got,
+        want,
+        tol: Tolerance | None = None,
+        *,
+        rtol: float | None = None,
+        atol: float | None = None,
+        what: str = "",
+        rel_floor: float = 1e-3,
+    ):
+        """numerics.close (NaN must meet NaN) that also records the largest absolute and relative error
+        per peer and dtype. ``tol`` is a numerics tolerance, or ``rtol``/``atol`` derived at the call.
 
         Relative errors are taken only where |want| >= rel_floor, so values that merely cross zero
-        do not masquerade as large relative errors; NaN must meet NaN.
+        do not masquerade as large relative errors.
         """
+        if tol is None:
+            tol = Tolerance(rtol, atol, "derived at the call")
         got = got.detach().cpu().numpy() if hasattr(got, "detach") else got
         dtype = min((np.asarray(got).dtype, np.asarray(want).dtype), key=lambda d: d.itemsize)
         label = f"{peer} [{dtype}]"
         got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"NaN pattern: {what}")
         finite = ~np.isnan(want)
         diff = np.abs(got[finite] - want[finite])
         if diff.size:
@@ -30,7 +46,7 @@ class PeerErrors:
             rel = float((diff[big] / np.abs(want[finite][big])).max()) if big.any() else 0.0
             old = self.largest.get(label, (0.0, 0.0))
             self.largest[label] = (max(old[0], float(diff.max())), max(old[1], rel))
-        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
+        close(got, want, tol, what=what, nan_equal=True)
 
     def report(self) -> str:
         return "".join(

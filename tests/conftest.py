@@ -56,3 +56,25 @@ def mnist_dir() -> Path:
 def fashion_dir() -> Path:
     """The canonical Fashion-MNIST IDX files, with mnist_dir's rule."""
     return _canonical_data("fashion", "Fashion-MNIST")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_peer_errors(request: pytest.FixtureRequest):
+    """A module that records its errors against peers in a ``PEERS`` (tests/_peer_errors.py) prints the
+    largest ones after its last test (``pytest -s``), so a closing note can quote them."""
+    yield
+    peers = getattr(request.module, "PEERS", None)
+    if peers is not None:
+        print(peers.report())
+
+
+@pytest.fixture(scope="session")
+def mnist_test(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The canonical MNIST test set, (images uint8 (10000, 28, 28), labels), read once per session.
+
+    Shared by every test that needs it: treat the arrays as read-only.
+    """
+    from export.data import load_dataset  # the project's loader, itself checked by test_data.py
+
+    data = load_dataset("mnist", data_dir=mnist_dir)
+    return data.x_test, data.y_test

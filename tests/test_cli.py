@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _idx_files import idx_bytes
 
 from export import cli, outdir
 from export import report as rpt
@@ -25,17 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 E2E_LIMIT, E2E_EPOCHS, E2E_BATCH = 128, 1, 32
 
 
-def _idx(array: np.ndarray) -> bytes:
-    return bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape) + array.tobytes()
-
-
 def _write_idx_dir(directory: Path, *, truncate_test_images: bool = False) -> None:
     rng = np.random.default_rng(0)
     directory.mkdir(parents=True, exist_ok=True)
     for role, stem in IDX_FILES.items():
         n = 20 if role.startswith("train") else 8
         shape = (n, 28, 28) if role.endswith("images") else (n,)
-        payload = _idx(rng.integers(0, 256 if role.endswith("images") else 10, shape, dtype=np.uint8))
+        payload = idx_bytes(rng.integers(0, 256 if role.endswith("images") else 10, shape, dtype=np.uint8))
         if truncate_test_images and role == "test_images":
             payload = payload[:-50]
         (directory / f"{stem}.gz").write_bytes(gzip.compress(payload))

@@ -18,14 +18,8 @@ from export.agreement import (
     compare_pair,
     compare_runtimes,
 )
-from export.data import load_dataset
 
 REQUIRED_KEYS = {"a", "b", "max_abs", "max_rel", "argmax_agreement", "max_abs_logit"}
-
-
-@pytest.fixture(scope="module")
-def mnist_test(mnist_dir):
-    return load_dataset("mnist", data_dir=mnist_dir).x_test
 
 
 def _check(result: AgreementResult, n: int) -> None:
@@ -54,7 +48,7 @@ def test_runtimes_agree_on_1000_mnist_test_images(flavour, mnist_test):
     result = compare_runtimes(
         keras_model,
         torch_model,
-        mnist_test[:1000],
+        mnist_test[0][:1000],
         onnx_files=exported(flavour),
         reference_limit=250,
         skip=list(OPTIONAL_RUNTIMES),
@@ -72,7 +66,7 @@ def test_runtimes_agree_on_1000_mnist_test_images(flavour, mnist_test):
 @pytest.mark.parametrize("flavour", list(FLAVOURS))
 def test_runtimes_agree_on_all_10000_mnist_test_images(flavour, mnist_test, tmp_path):
     keras_model, torch_model = trained_pair(flavour)
-    result = compare_runtimes(keras_model, torch_model, mnist_test, out_dir=tmp_path)
+    result = compare_runtimes(keras_model, torch_model, mnist_test[0], out_dir=tmp_path)
     _check(result, 10_000)
     for skipped in result.skipped:  # only a runtime whose module is missing may be left out here
         assert runtimes.missing_module(OPTIONAL_RUNTIMES[skipped["runtime"]]) == skipped["reason"]

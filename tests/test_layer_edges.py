@@ -76,8 +76,8 @@ def test_empty_training_batch_returns_empty_output_and_keeps_statistics(rng, con
         np.testing.assert_array_equal(after[path], expected, err_msg=path)
 
 
-def test_empty_batch_is_what_torch_does_and_not_what_keras_does():
-    """The two peers disagree; we follow PyTorch. Keras 3.15 writes NaN into its moving statistics."""
+def test_empty_batch_leaves_torch_batchnorm_statistics_unchanged():
+    """SPEC.md §9, empty training batch: PyTorch's behaviour, which we follow (its counter counts the step)."""
     torch = pytest.importorskip("torch")
     module = torch.nn.BatchNorm2d(C).train()
     y = module(torch.zeros(0, C, 4, 4))
@@ -85,9 +85,18 @@ def test_empty_batch_is_what_torch_does_and_not_what_keras_does():
     assert torch.equal(module.running_mean, torch.zeros(C)) and torch.equal(module.running_var, torch.ones(C))
     assert int(module.num_batches_tracked) == 1
 
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Keras 3.15.1 writes NaN into moving_mean/moving_variance on an empty batch: ops.moments divides "
+    "by m = 0 (keras/src/backend/tensorflow/nn.py:1548, _compute_moments is tf.nn.moments); SPEC.md §9",
+)
+def test_empty_batch_leaves_keras_batchnormalization_statistics_unchanged():
+    """SPEC.md §9, empty training batch: the moving statistics stay exactly as they were."""
     builtin = keras.layers.BatchNormalization()
     builtin(np.zeros((0, 4, 4, C), np.float32), training=True)
-    assert np.isnan(builtin.moving_mean.numpy()).all()
+    np.testing.assert_array_equal(builtin.moving_mean.numpy(), np.zeros(C))
+    np.testing.assert_array_equal(builtin.moving_variance.numpy(), np.ones(C))
 
 
 @pytest.mark.parametrize(("conv_id", "convention", "momentum"), CONVENTIONS, ids=[c[0] for c in CONVENTIONS])

@@ -20,17 +20,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from _peer_errors import PeerErrors  # noqa: E402
+from cases import case, momentum_id  # noqa: E402
+from numerics import tolerance  # noqa: E402
 
 import spec  # noqa: E402
 
-PEERS = PeerErrors()
+PEERS = PeerErrors()  # its largest errors are printed after the module (conftest.py)
 agree = PEERS.agree
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_errors():
-    yield
-    print(PEERS.report())
 
 
 LAYOUTS = {  # name: (shape after the batch axis, channel axis)
@@ -47,8 +43,8 @@ LAYOUTS = {  # name: (shape after the batch axis, channel axis)
 #   Moving statistics are float32 variables re-rounded every step: 2e-6 relative + 1e-6 absolute.
 # float64: the same computation in double; 1e-12 covers reordered sums.
 TOL = {
-    "float32": {"y": {"rtol": 1e-5, "atol": 1e-5}, "stat": {"rtol": 2e-6, "atol": 1e-6}},
-    "float64": {"y": {"rtol": 1e-12, "atol": 1e-12}, "stat": {"rtol": 1e-12, "atol": 1e-12}},
+    dtype: {"y": tolerance("peer-vs-spec", dtype, "y"), "stat": tolerance("peer-vs-spec", dtype, "stats")}
+    for dtype in ("float32", "float64")
 }
 
 
@@ -62,12 +58,19 @@ def _batch(rng, n, tail, axis, step, dtype):
     return (loc + scale * rng.normal(size=shape)).astype(dtype)
 
 
-@pytest.mark.parametrize(
-    ("momentum", "dtype"),
-    [(0.99, "float32"), (0.9, "float32"), (0.9, "float64")],
-    ids=["momentum0.99-float32", "momentum0.9-float32", "momentum0.9-float64"],
-)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+def _keras_case(layout: str, *values, dtype: str, detail: str | None = None):
+    return case(layout, *values, dtype, peer="keras-builtin", layout=layout.split("-")[0], dtype=dtype, detail=detail)
+
+
+STEP_CASES = [
+    _keras_case(layout, momentum, dtype=dtype, detail=momentum_id(momentum))
+    for layout in LAYOUTS
+    for momentum, dtype in [(0.99, "float32"), (0.9, "float32"), (0.9, "float64")]
+]
+BACKWARD_CASES = [_keras_case(layout, dtype=dtype) for layout in LAYOUTS for dtype in ("float32", "float64")]
+
+
+@pytest.mark.parametrize(("layout", "momentum", "dtype"), STEP_CASES)
 def test_keras_batch_normalization_steps_match_spec(layout, momentum, dtype):
     tail, axis = LAYOUTS[layout]
     c = (None, *tail)[axis]
@@ -87,12 +90,12 @@ def test_keras_batch_normalization_steps_match_spec(layout, momentum, dtype):
         moving_mean, moving_var = spec.update_running_stats(
             moving_mean, moving_var, mean, var, x.size // c, convention="keras", momentum=momentum
         )
-        agree("keras BatchNormalization", y, want, **TOL[dtype]["y"], what=f"{layout} step {step}: y")
-        agree("keras BatchNormalization", layer.moving_mean, moving_mean, **TOL[dtype]["stat"], what="moving_mean")
-        agree("keras BatchNormalization", layer.moving_variance, moving_var, **TOL[dtype]["stat"], what="moving_var")
+        agree("keras BatchNormalization", y, want, TOL[dtype]["y"], what=f"{layout} step {step}: y")
+        agree("keras BatchNormalization", layer.moving_mean, moving_mean, TOL[dtype]["stat"], what="moving_mean")
+        agree("keras BatchNormalization", layer.moving_variance, moving_var, TOL[dtype]["stat"], what="moving_var")
     x = _batch(rng, 3, tail, axis, 6, dtype)
     want = spec.batch_norm_infer(x, gamma, beta, moving_mean, moving_var, axis=axis, eps=eps)
-    agree("keras BatchNormalization", layer(x, training=False), want, **TOL[dtype]["y"], what="inference")
+    agree("keras BatchNormalization", layer(x, training=False), want, TOL[dtype]["y"], what="inference")
 
 
 def test_keras_mixed_float16_reduces_in_float32():
@@ -105,13 +108,12 @@ def test_keras_mixed_float16_reduces_in_float32():
     assert y.dtype == "float16"
     want, mean, var = spec.batch_norm_train(x, np.ones(3), np.zeros(3), axis=-1, eps=1e-3)
     # One float16 ulp at |y| in [2, 4) is 2^-9 ~ 2e-3 and both sides round once: 4e-3 absolute.
-    agree("keras BatchNormalization", y, want, rtol=0, atol=4e-3, what="mixed_float16 y")
+    agree("keras BatchNormalization", y, want, tolerance("peer-vs-spec", "float16"), what="mixed_float16 y")
     _, moving_var = spec.update_running_stats(np.zeros(3), np.ones(3), mean, var, 512, convention="keras")
-    agree("keras BatchNormalization", layer.moving_variance, moving_var, **TOL["float32"]["stat"], what="moving var")
+    agree("keras BatchNormalization", layer.moving_variance, moving_var, TOL["float32"]["stat"], what="moving var")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize(("layout", "dtype"), BACKWARD_CASES)
 def test_keras_gradient_tape_matches_spec_backward(layout, dtype):
     tail, axis = LAYOUTS[layout]
     c = (None, *tail)[axis]
@@ -129,13 +131,13 @@ def test_keras_gradient_tape_matches_spec_backward(layout, dtype):
     dx, dgamma, dbeta = spec.batch_norm_backward(dy, x.numpy(), gamma, axis=axis, eps=1e-3)
     # dx is a difference of O(m) terms cancelling to O(1): in float32 ~m ulps of the largest term,
     # m <= 96 here -> 1e-4 absolute; dgamma/dbeta are sums of m O(1) products -> 1e-5 rel + 1e-4 abs.
-    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == "float64" else {"rtol": 1e-5, "atol": 1e-4}
-    agree("tf.GradientTape", gx, dx, **tol, what=f"{layout}: dx")
-    agree("tf.GradientTape", ggamma, dgamma, **tol, what=f"{layout}: dgamma")
-    agree("tf.GradientTape", gbeta, dbeta, **tol, what=f"{layout}: dbeta")
+    tol = tolerance("autodiff", dtype, "grad")
+    agree("tf.GradientTape", gx, dx, tol, what=f"{layout}: dx")
+    agree("tf.GradientTape", ggamma, dgamma, tol, what=f"{layout}: dgamma")
+    agree("tf.GradientTape", gbeta, dbeta, tol, what=f"{layout}: dbeta")
 
 
-@pytest.mark.parametrize("decay", [0.99, 0.9])
+@pytest.mark.parametrize("decay", [case(decay, detail=f"decay{decay}") for decay in (0.99, 0.9)])
 def test_fused_batch_norm_v3_is_the_tf1_convention(decay):
     """FusedBatchNormV3 (is_training) feeds a Bessel-corrected variance into its moving average."""
     rng = np.random.default_rng(int(decay * 100))
@@ -160,6 +162,6 @@ def test_fused_batch_norm_v3_is_the_tf1_convention(decay):
         spec_mean, spec_var = spec.update_running_stats(
             spec_mean, spec_var, mean, var, x.size // c, convention="tf1", momentum=decay
         )
-        agree("tf FusedBatchNormV3", y, want, **TOL["float32"]["y"], what=f"step {step}: y")
-        agree("tf FusedBatchNormV3", moving_mean, spec_mean, **TOL["float32"]["stat"], what="moving mean")
-        agree("tf FusedBatchNormV3", moving_var, spec_var, **TOL["float32"]["stat"], what="moving var (unbiased)")
+        agree("tf FusedBatchNormV3", y, want, TOL["float32"]["y"], what=f"step {step}: y")
+        agree("tf FusedBatchNormV3", moving_mean, spec_mean, TOL["float32"]["stat"], what="moving mean")
+        agree("tf FusedBatchNormV3", moving_var, spec_var, TOL["float32"]["stat"], what="moving var (unbiased)")

@@ -28,14 +28,8 @@ ONNX_DATA = Path(onnx.__file__).resolve().parent / "backend" / "test" / "data"
 VECTOR_DIR = Path(spec.__file__).resolve().parent / "vectors"
 MANIFEST = json.loads((VECTOR_DIR / "manifest.json").read_text())
 
-PEERS = PeerErrors()
+PEERS = PeerErrors()  # its largest errors are printed after the module (conftest.py)
 agree = PEERS.agree
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_errors():
-    yield
-    print(PEERS.report())
 
 
 # ---------------------------------------------------------------- ONNX node conformance cases
@@ -282,6 +276,22 @@ def test_reference_evaluator_large_offset_float32():
         what="variance",
         rel_floor=0,
     )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="onnx 1.23 reference: x.mean(axis) and x.var(axis) in float32 "
+    "(onnx/reference/ops/op_batch_normalization.py:39-40), 1.4e-3 off on this vector",
+)
+def test_reference_evaluator_large_offset_variance_within_1em3():
+    """SPEC.md §8.2: the training variance at x = 1e4 + 1e-2 N(0, 1) within 1e-3 relative of float64."""
+    case = load_case(VECTOR_DIR / "train_nc_float32_large_offset.json")
+    i, o = case["inputs"], case["outputs"]
+    ev = _evaluator("float32", "float32", 2, training=True, eps=1e-5, momentum=0.9)
+    _, _, new_var = _run(ev, i["x"], i["gamma"], i["beta"], np.zeros(2), np.zeros(2), 1)
+    var = new_var / (1 - np.float32(0.9))  # input_var = 0: the output is (1 - 0.9f) * var
+    rel = np.abs(var / o["var"] - 1.0)
+    assert rel.max() <= 1e-3, f"relative error {rel.max():.3g}"
 
 
 @pytest.mark.parametrize(

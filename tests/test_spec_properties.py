@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from numerics import Tolerance, close
 
 import spec
 
@@ -90,12 +91,30 @@ def test_channel_axis_can_be_moved(case):
 
 @SETTINGS
 @given(batches())
-def test_inference_with_batch_statistics_equals_training(case):
+def test_inference_with_batch_statistics_equals_torch_training_output(case):
+    """SPEC.md §3 fed the batch's own biased statistics (NumPy's) gives §2's training output, and so
+    does the spec's training forward: both against torch.nn.functional.batch_norm(training=True)."""
+    torch = pytest.importorskip("torch")
     x, axis = case
     gamma, beta = _params(x, axis)
-    y, mean, var = spec.batch_norm_train(x, gamma, beta, axis=axis, eps=1e-5)
-    # The same formula with the same float64 statistics: identical up to rounding.
-    np.testing.assert_allclose(spec.batch_norm_infer(x, gamma, beta, mean, var, axis=axis, eps=1e-5), y, rtol=1e-15)
+    axes = _stats_axes(x, axis)
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    peer = torch.nn.functional.batch_norm(
+        torch.from_numpy(np.moveaxis(x, axis, 1).copy()),
+        None,
+        None,
+        torch.from_numpy(gamma),
+        torch.from_numpy(beta),
+        training=True,
+        eps=1e-5,
+    )
+    want = np.moveaxis(peer.numpy(), 1, axis)
+    # float64 both sides; the two means differ by a few ulp of max|x| (up to 1e3 here), which
+    # gamma / sqrt(var + eps) amplifies (var + eps >= 1e-5): 1e-12 of that amplified magnitude.
+    gain = float((gamma / np.sqrt(var + 1e-5)).max())
+    tol = Tolerance(0.0, 1e-12 * max(1.0, float(np.abs(x).max()) * gain), "float64, mean rounding amplified")
+    close(spec.batch_norm_infer(x, gamma, beta, mean, var, axis=axis, eps=1e-5), want, tol, what="infer(batch stats)")
+    close(spec.batch_norm_train(x, gamma, beta, axis=axis, eps=1e-5)[0], want, tol, what="train")
 
 
 @SETTINGS

@@ -14,17 +14,13 @@ import numpy as np
 import pytest
 import torch
 from _peer_errors import PeerErrors
+from cases import case, momentum_id
+from numerics import tolerance
 
 import spec
 
-PEERS = PeerErrors()
+PEERS = PeerErrors()  # its largest errors are printed after the module (conftest.py)
 agree = PEERS.agree
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_errors():
-    yield
-    print(PEERS.report())
 
 
 MODULES = {
@@ -40,8 +36,8 @@ MODULES = {
 #   float32 ulps (1.2e-7 relative) of the spec: 1e-5 relative + 1e-5 absolute. Running stats are
 #   float32 buffers re-rounded each of the 12 steps: 2e-6 relative + 1e-6 absolute.
 TOL = {
-    "float64": {"y": {"rtol": 1e-12, "atol": 1e-12}, "stat": {"rtol": 1e-12, "atol": 1e-12}},
-    "float32": {"y": {"rtol": 1e-5, "atol": 1e-5}, "stat": {"rtol": 2e-6, "atol": 1e-6}},
+    dtype: {"y": tolerance("peer-vs-spec", dtype, "y"), "stat": tolerance("peer-vs-spec", dtype, "stats")}
+    for dtype in ("float32", "float64")
 }
 
 
@@ -53,9 +49,21 @@ def _batch(rng: np.random.Generator, n: int, tail: tuple[int, ...], step: int, d
     return (loc + scale * rng.normal(size=shape)).astype(dtype)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("momentum", [0.1, 0.3, None], ids=["momentum0.1", "momentum0.3", "momentumNone"])
-@pytest.mark.parametrize("module", list(MODULES))
+def _torch_case(module: str, *values, dtype: str, detail: str | None = None):
+    name, layout = module.split("-")
+    return case(module, *values, dtype, peer=f"torch.nn.{name}", layout=layout, dtype=dtype, detail=detail)
+
+
+TRAINING_CASES = [
+    _torch_case(module, momentum, dtype=dtype, detail=momentum_id(momentum))
+    for module in MODULES
+    for dtype in ("float32", "float64")
+    for momentum in (0.1, 0.3, None)
+]
+BACKWARD_CASES = [_torch_case(module, dtype=dtype) for module in MODULES for dtype in ("float32", "float64")]
+
+
+@pytest.mark.parametrize(("module", "momentum", "dtype"), TRAINING_CASES)
 def test_torch_training_steps_match_spec(module, momentum, dtype):
     cls, tail = MODULES[module]
     c = tail[0]
@@ -79,16 +87,16 @@ def test_torch_training_steps_match_spec(module, momentum, dtype):
         running_mean, running_var = spec.update_running_stats(
             running_mean, running_var, mean, var, count, convention="torch", momentum=momentum, num_batches_tracked=step
         )
-        agree("torch.nn.BatchNorm", y, want_y, **tol["y"], what=f"{module} step {step}: y")
-        agree("torch.nn.BatchNorm", bn.running_mean, running_mean, **tol["stat"], what=f"step {step}: running_mean")
-        agree("torch.nn.BatchNorm", bn.running_var, running_var, **tol["stat"], what=f"step {step}: running_var")
+        agree("torch.nn.BatchNorm", y, want_y, tol["y"], what=f"{module} step {step}: y")
+        agree("torch.nn.BatchNorm", bn.running_mean, running_mean, tol["stat"], what=f"step {step}: running_mean")
+        agree("torch.nn.BatchNorm", bn.running_var, running_var, tol["stat"], what=f"step {step}: running_var")
         assert int(bn.num_batches_tracked) == step + 1
     bn.eval()
     x = _batch(rng, 4, tail, 12, dtype)
     with torch.no_grad():
         y = bn(torch.from_numpy(x))
     want = spec.batch_norm_infer(x, gamma, beta, running_mean, running_var, axis=1, eps=1e-5)
-    agree("torch.nn.BatchNorm", y, want, **tol["y"], what=f"{module}: inference after 12 steps")
+    agree("torch.nn.BatchNorm", y, want, tol["y"], what=f"{module}: inference after 12 steps")
 
 
 def test_torch_channels_last_memory_format_matches_spec():
@@ -99,13 +107,12 @@ def test_torch_channels_last_memory_format_matches_spec():
     with torch.no_grad():
         y = bn(torch.from_numpy(x).to(memory_format=torch.channels_last))
     want, mean, var = spec.batch_norm_train(x, np.ones(6), np.zeros(6), axis=1, eps=1e-5)
-    agree("torch.nn.BatchNorm", y.contiguous(), want, **TOL["float32"]["y"], what="channels_last y")
+    agree("torch.nn.BatchNorm", y.contiguous(), want, TOL["float32"]["y"], what="channels_last y")
     rm, rv = spec.update_running_stats(np.zeros(6), np.ones(6), mean, var, x.size // 6, convention="torch")
-    agree("torch.nn.BatchNorm", bn.running_var, rv, **TOL["float32"]["stat"], what="channels_last running_var")
+    agree("torch.nn.BatchNorm", bn.running_var, rv, TOL["float32"]["stat"], what="channels_last running_var")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("module", list(MODULES))
+@pytest.mark.parametrize(("module", "dtype"), BACKWARD_CASES)
 def test_torch_autograd_matches_spec_backward(module, dtype):
     cls, tail = MODULES[module]
     c = tail[0]
@@ -122,10 +129,10 @@ def test_torch_autograd_matches_spec_backward(module, dtype):
     # dx sums three O(m) terms that cancel to O(1) (SPEC.md, Backward): in float32 that costs
     # ~m ulps of the largest term; m <= 192 here, so 1e-4 absolute on O(1) gradients.
     # dgamma/dbeta are sums of m O(1) products: 1e-5 relative + 1e-4 absolute in float32.
-    grad_tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == "float64" else {"rtol": 1e-5, "atol": 1e-4}
-    agree("torch autograd", xt.grad, dx, **grad_tol, what=f"{module}: dx")
-    agree("torch autograd", bn.weight.grad, dgamma, **grad_tol, what=f"{module}: dgamma")
-    agree("torch autograd", bn.bias.grad, dbeta, **grad_tol, what=f"{module}: dbeta")
+    grad_tol = tolerance("autodiff", dtype, "grad")
+    agree("torch autograd", xt.grad, dx, grad_tol, what=f"{module}: dx")
+    agree("torch autograd", bn.weight.grad, dgamma, grad_tol, what=f"{module}: dgamma")
+    agree("torch autograd", bn.bias.grad, dbeta, grad_tol, what=f"{module}: dbeta")
 
 
 def test_torch_momentum_none_is_the_cumulative_mean_of_batch_statistics():

@@ -44,32 +44,28 @@ def load(name: str) -> dict:
     return {**raw, "inputs": decode(raw["inputs"]), "outputs": decode(raw["outputs"])}
 
 
+# SPEC.md §10's function table as data: spec function, inputs in call order, attributes by keyword, outputs.
+FUNCTIONS = {
+    "batch_norm_train": (spec.batch_norm_train, ("x", "gamma", "beta"), ("axis", "eps"), ("y", "mean", "var")),
+    "batch_norm_infer": (spec.batch_norm_infer, ("x", "gamma", "beta", "mean", "var"), ("axis", "eps"), ("y",)),
+    "batch_norm_backward": (spec.batch_norm_backward, ("dy", "x", "gamma"), ("axis", "eps"), ("dx", "dgamma", "dbeta")),
+    "update_running_stats": (
+        spec.update_running_stats,
+        ("running_mean", "running_var", "batch_mean", "batch_var", "count"),
+        ("convention", "momentum", "num_batches_tracked"),
+        ("new_mean", "new_var"),
+    ),
+}
+
+
 def recompute(case: dict) -> dict:
     """Each function's semantics exactly as SPEC.md states them, calling the public spec API."""
     a, i = case["attributes"], case["inputs"]
     fn = case["function"]
-    if fn == "batch_norm_train":
-        y, mean, var = spec.batch_norm_train(i["x"], i["gamma"], i["beta"], axis=a["axis"], eps=a["eps"])
-        return {"y": y, "mean": mean, "var": var}
-    if fn == "batch_norm_infer":
-        return {
-            "y": spec.batch_norm_infer(i["x"], i["gamma"], i["beta"], i["mean"], i["var"], axis=a["axis"], eps=a["eps"])
-        }
-    if fn == "batch_norm_backward":
-        dx, dgamma, dbeta = spec.batch_norm_backward(i["dy"], i["x"], i["gamma"], axis=a["axis"], eps=a["eps"])
-        return {"dx": dx, "dgamma": dgamma, "dbeta": dbeta}
-    if fn == "update_running_stats":
-        m, v = spec.update_running_stats(
-            i["running_mean"],
-            i["running_var"],
-            i["batch_mean"],
-            i["batch_var"],
-            i["count"],
-            convention=a["convention"],
-            momentum=a["momentum"],
-            num_batches_tracked=a["num_batches_tracked"],
-        )
-        return {"new_mean": m, "new_var": v}
+    if fn in FUNCTIONS:
+        function, inputs, attributes, outputs = FUNCTIONS[fn]
+        result = function(*(i[k] for k in inputs), **{k: a[k] for k in attributes})
+        return dict(zip(outputs, result if len(outputs) > 1 else (result,), strict=True))
     if fn == "merge_moments":
         n, m, v = spec.merge_moments([(p["count"], p["mean"], p["var"]) for p in i["parts"]])
         return {"count": n, "mean": m, "var": v}

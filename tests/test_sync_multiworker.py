@@ -14,20 +14,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _sync_workers import EPS, KERAS_MOMENTUM, SPLITS, bn_cases, keras_multiworker
+from numerics import close, tolerance
 
 import spec
 
 # float32 (eps 1.2e-7), a few roundings and pairwise sums of <= 600 values per channel: errors
 # ~1e-6 of each quantity's magnitude (observed <= 1e-6); 1e-5 of it leaves margin and still
 # catches per-worker statistics (off by ~1e-1 here).
-F32_RTOL = 1e-5
+F32_TOL = tolerance("summation-order", "float32")
 
 CASES = [pytest.param(c, id=f"2workers-{c}-{'-'.join(map(str, SPLITS[2][c]))}") for c in ("even", "uneven")]
 
 
-def _close(actual, expected, scale, what=""):
-    err = np.max(np.abs(np.asarray(actual, np.float64) - np.asarray(expected, np.float64)))
-    assert err <= F32_RTOL * scale, f"{what}: max error {err:.3g} > {F32_RTOL:g} * {scale:.3g}"
+def _close(actual, expected, scale, tol=F32_TOL, what=""):
+    """numerics.close relative to the quantity's magnitude ``scale``; one global value for every replica."""
+    close(actual, expected, tol, scale=scale, broadcast=True, what=what)
 
 
 @pytest.mark.slow  # multi-process MultiWorkerMirroredStrategy

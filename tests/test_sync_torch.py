@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from _sync_workers import EPS, SPLITS, TORCH_MOMENTUM, bn_cases, keras_mirrored, to_nchw, torch_gloo
+from numerics import close, tolerance
 
 import spec
 import torch_ref
@@ -22,14 +23,14 @@ from torch_ref.sync import SyncBatchNorm
 # float32 (eps 1.2e-7) through a few roundings and pairwise sums of <= 600 values per channel:
 # errors ~1e-6 of each quantity's magnitude (observed <= 1e-6); 1e-5 of it leaves margin and
 # still catches any per-rank statistic (off by ~1e-1 on these batches).
-F32_RTOL = 1e-5
+F32_TOL = tolerance("summation-order", "float32")
 
 CASES = [pytest.param(c, id=f"{c}-{'-'.join(map(str, s))}") for c, s in SPLITS[2].items()]
 
 
-def _close(actual, expected, scale, rtol=F32_RTOL, what=""):
-    err = np.max(np.abs(np.asarray(actual, np.float64) - np.asarray(expected, np.float64)))
-    assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol:g} * {scale:.3g}"
+def _close(actual, expected, scale, tol=F32_TOL, what=""):
+    """numerics.close relative to the quantity's magnitude ``scale``; one global value for every replica."""
+    close(actual, expected, tol, scale=scale, broadcast=True, what=what)
 
 
 def _spec_reference(case):
@@ -69,10 +70,15 @@ def test_gloo_sync_step_equals_global_batch(case, peer):
     np.testing.assert_array_equal(out[f"sync/{case}/count"], [600, 600])
 
 
-def test_torch_nn_syncbatchnorm_refuses_cpu():
-    """Why torch.nn.SyncBatchNorm is not the peer here (torch 2.13, gloo, CPU tensors)."""
+@pytest.mark.xfail(
+    strict=True,
+    reason="torch 2.13's SyncBatchNorm.forward raises 'SyncBatchNorm expected input tensor to be on GPU or XPU' "
+    "for CPU tensors (torch/nn/modules/batchnorm.py:851): why torch_ref.sync, not it, is the CPU peer here",
+)
+def test_torch_nn_syncbatchnorm_trains_on_cpu_under_gloo():
+    """torch.nn.SyncBatchNorm in training mode on CPU tensors under an initialized gloo group (2 ranks)."""
     message = str(torch_gloo()["nn_sync_error"])
-    assert "SyncBatchNorm expected input tensor to be on GPU" in message, message
+    assert message == "", message
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.values[0] != "empty"])

@@ -12,11 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cases import case
+from numerics import close, tolerance
 
 import spec
 import torch_ref
 
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+TOL = {dtype: tolerance("summation-order", dtype) for dtype in (torch.float32, torch.float64)}
 
 # (ours, peer, input shape with channels at dim 1)
 SHAPES = {
@@ -34,12 +36,6 @@ CONFIGS = {
 }
 
 
-def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
-    diff = float((ours.detach().double() - ref.detach().double()).abs().max())
-    scale = max(1.0, float(ref.detach().double().abs().max()))
-    assert diff <= tol * scale, f"{what}: max |ours - torch| = {diff:.3e} > {tol:.0e} * {scale:.3g}"
-
-
 def _pair(shape_id: str, config_id: str, dtype: torch.dtype):
     ours_cls, peer_cls, shape = SHAPES[shape_id]
     momentum, affine, track = CONFIGS[config_id]
@@ -55,9 +51,23 @@ def _pair(shape_id: str, config_id: str, dtype: torch.dtype):
     return ours, peer, shape
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("config_id", list(CONFIGS))
-@pytest.mark.parametrize("shape_id", list(SHAPES))
+STEP_CASES = [
+    case(
+        shape_id,
+        config_id,
+        dtype,
+        peer=f"torch.nn.BatchNorm{shape_id.split('-')[0]}",
+        layout=shape_id.split("-")[1],
+        dtype=str(dtype).removeprefix("torch."),
+        detail=config_id,
+    )
+    for shape_id in SHAPES
+    for dtype in (torch.float32, torch.float64)
+    for config_id in CONFIGS
+]
+
+
+@pytest.mark.parametrize(("shape_id", "config_id", "dtype"), STEP_CASES)
 def test_training_steps_match_torch_nn(shape_id: str, config_id: str, dtype: torch.dtype) -> None:
     """20 training steps (forward, backward, SGD on gamma/beta), then eval: every tensor equal to torch.nn's."""
     ours, peer, shape = _pair(shape_id, config_id, dtype)
@@ -74,24 +84,24 @@ def test_training_steps_match_torch_nn(shape_id: str, config_id: str, dtype: tor
         y_ours, y_peer = ours(x_ours), peer(x_peer)
         y_ours.backward(dy)
         y_peer.backward(dy)
-        _close(y_ours.detach(), y_peer.detach(), tol, f"step {step} y")
-        _close(x_ours.grad, x_peer.grad, tol, f"step {step} dx")
+        close(y_ours.detach(), y_peer.detach(), tol, scale="magnitude", what=f"step {step} y")
+        close(x_ours.grad, x_peer.grad, tol, scale="magnitude", what=f"step {step} dx")
         if ours.affine:
-            _close(ours.weight.grad, peer.weight.grad, tol, f"step {step} dweight")
-            _close(ours.bias.grad, peer.bias.grad, tol, f"step {step} dbias")
+            close(ours.weight.grad, peer.weight.grad, tol, scale="magnitude", what=f"step {step} dweight")
+            close(ours.bias.grad, peer.bias.grad, tol, scale="magnitude", what=f"step {step} dbias")
             with torch.no_grad():  # each follows its own gradients, so differences would compound
                 for module in (ours, peer):
                     for p in module.parameters():
                         p -= 0.1 * p.grad
                         p.grad = None
         if ours.track_running_stats:
-            _close(ours.running_mean, peer.running_mean, tol, f"step {step} running_mean")
-            _close(ours.running_var, peer.running_var, tol, f"step {step} running_var")
+            close(ours.running_mean, peer.running_mean, tol, scale="magnitude", what=f"step {step} running_mean")
+            close(ours.running_var, peer.running_var, tol, scale="magnitude", what=f"step {step} running_var")
             assert int(ours.num_batches_tracked) == int(peer.num_batches_tracked) == step + 1
     ours.eval()
     peer.eval()
     x = torch.randn(shape, generator=gen, dtype=dtype) * 2 + 1
-    _close(ours(x), peer(x), tol, "eval y")
+    close(ours(x), peer(x), tol, scale="magnitude", what="eval y")
     assert y_ours.dtype == dtype
 
 
@@ -150,8 +160,10 @@ def test_low_precision_input_is_computed_in_float32() -> None:
     y_ours, y_peer = ours(x), peer(x)
     assert y_ours.dtype == torch.bfloat16
     # Both round a float32 result to bfloat16 (8 bits of mantissa): at most 1 ulp = 2^-7 relative apart.
-    _close(y_ours.float(), y_peer.float(), 2.0**-7, "bfloat16 y")
-    _close(ours.running_var, peer.running_var, 1e-5, "running_var")
+    close(
+        y_ours.float(), y_peer.float(), tolerance("summation-order", "bfloat16"), scale="magnitude", what="bfloat16 y"
+    )
+    close(ours.running_var, peer.running_var, TOL[torch.float32], scale="magnitude", what="running_var")
 
 
 CHECKPOINT_CONFIGS = {

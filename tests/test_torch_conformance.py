@@ -1,7 +1,7 @@
 """Keras LeNet-BN and PyTorch LeNet-BN trained in lockstep on MNIST test images, compared after every step.
 
 Both start from the same weights (keras_to_torch), see the same 32-image batches in the same order and
-use matched optimizers (torch_ref.conformance). Keras side: keras_bn.BatchNorm(convention="torch",
+use matched optimizers (tests/lockstep.py). Keras side: keras_bn.BatchNorm(convention="torch",
 momentum=0.1, epsilon=1e-5); PyTorch side: torch.nn.BatchNorm*d or torch_ref.BatchNorm*d.
 
 What the runs show (numbers from `python bench/bench_conformance.py`):
@@ -25,13 +25,12 @@ import copy
 import keras
 import numpy as np
 import pytest
-import torch
 from _convert_models import floatx
+from lockstep import StepDivergence, train_lenet_lockstep, train_lockstep
 
 import keras_bn
 import torch_ref
-from export.data import load_dataset, to_nhwc_float
-from torch_ref.conformance import StepDivergence, train_lockstep
+from export.data import to_nhwc_float
 
 STEPS = 50
 BATCH = 32
@@ -41,10 +40,10 @@ PRE_BN_BIASES = {"conv1.bias": "bn1", "conv2.bias": "bn2", "fc1.bias": "bn3", "f
 
 
 @pytest.fixture(scope="module")
-def mnist_batches(mnist_dir):
-    data = load_dataset("mnist", data_dir=mnist_dir)
+def mnist_batches(mnist_test):
+    images, labels = mnist_test
     n = STEPS * BATCH
-    return to_nhwc_float(data.x_test[:n]), data.y_test[:n]
+    return to_nhwc_float(images[:n]), labels[:n]
 
 
 RUNS = {
@@ -64,13 +63,10 @@ def _run(run_id: str, mnist_batches) -> tuple[list[StepDivergence], dict[str, np
         dtype, optimizer, lr, momentum, torch_bn, loop, routed = RUNS[run_id]
         images, labels = mnist_batches
         with floatx(dtype):
-            keras_model = keras_bn.lenet_bn("ours", convention="torch", momentum=0.1, epsilon=1e-5, seed=0)
-            assert all(v.dtype == dtype for v in keras_model.weights if v.dtype != "int64")
-            torch_model = torch_ref.lenet_bn(torch_bn).to(getattr(torch, dtype))
-            history = train_lockstep(
-                keras_model,
-                torch_model,
-                images.astype(dtype),
+            _, torch_model, history = train_lenet_lockstep(
+                dtype,
+                torch_bn,
+                images,
                 labels,
                 optimizer=optimizer,
                 lr=lr,

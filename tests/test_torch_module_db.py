@@ -26,6 +26,7 @@ import pickle
 import pytest
 import torch
 from _bn_state import randomize_bn_state_
+from numerics import EXACT, Tolerance, close, tolerance
 from torch import nn
 
 # torch's test utilities import expecttest (in the project's test extra); a missing one must fail, not skip.
@@ -41,7 +42,7 @@ OURS = {
     nn.BatchNorm3d: torch_ref.BatchNorm3d,
 }
 INFOS = [info for info in common_modules.module_db if info.module_cls in OURS]
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+TOL = {dtype: tolerance("summation-order", dtype) for dtype in (torch.float32, torch.float64)}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MODES = {"train": True, "eval": False}
 
@@ -66,15 +67,6 @@ DTYPE_PARAMS = [pytest.param(dtype, id=name) for name, dtype in DTYPES.items()]
 MODE_PARAMS = [pytest.param(training, id=name) for name, training in MODES.items()]
 
 
-def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
-    assert ours.shape == ref.shape and ours.dtype == ref.dtype, f"{what}: {ours.shape}/{ours.dtype} vs {ref.shape}"
-    if ref.numel() == 0:
-        return
-    diff = float((ours.detach().double() - ref.detach().double()).abs().max())
-    scale = max(1.0, float(ref.detach().double().abs().max()))
-    assert diff <= tol * scale, f"{what}: max |ours - torch| = {diff:.3e} > {tol:.0e} * {scale:.3g}"
-
-
 def _pair(info, index: int, dtype: torch.dtype, training: bool):
     """(ours, peer, sample) built as test_modules.py builds them: construct, then .to(dtype); same state."""
     sample = _samples(info, dtype, training)[index]
@@ -94,14 +86,14 @@ def _twins(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
 
 
-def _assert_same_state(ours: nn.Module, peer: nn.Module, tol: float, what: str) -> None:
+def _assert_same_state(ours: nn.Module, peer: nn.Module, tol: Tolerance, what: str) -> None:
     ours_sd, peer_sd = ours.state_dict(), peer.state_dict()
     assert list(ours_sd) == list(peer_sd)
     for key, ref in peer_sd.items():
         if key == "num_batches_tracked":
             assert int(ours_sd[key]) == int(ref), f"{what}: num_batches_tracked {int(ours_sd[key])} vs {int(ref)}"
         else:
-            _close(ours_sd[key], ref, tol, f"{what}: {key}")
+            close(ours_sd[key], ref, tol, scale="magnitude", what=f"{what}: {key}", same_dtype=True)
 
 
 @pytest.mark.parametrize("training", MODE_PARAMS)
@@ -112,7 +104,7 @@ def test_forward_and_running_statistics_match_torch_nn(info, index, dtype, train
     ours, peer, sample = _pair(info, index, dtype, training)
     x = _input(sample)
     for call in range(2):
-        _close(ours(x), peer(x), TOL[dtype], f"call {call} y")
+        close(ours(x), peer(x), TOL[dtype], scale="magnitude", what=f"call {call} y", same_dtype=True)
         _assert_same_state(ours, peer, TOL[dtype], f"call {call}")
 
 
@@ -126,11 +118,11 @@ def test_gradients_match_torch_nn(info, index, dtype, training) -> None:
     dy = torch.randn(y_peer.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
     y_ours.backward(dy)
     y_peer.backward(dy)
-    _close(x_ours.grad, x_peer.grad, TOL[dtype], "dx")
+    close(x_ours.grad, x_peer.grad, TOL[dtype], scale="magnitude", what="dx", same_dtype=True)
     for name, p_peer in peer.named_parameters():
         p_ours = dict(ours.named_parameters())[name]
         assert (p_ours.grad is None) == (p_peer.grad is None), name
-        _close(p_ours.grad, p_peer.grad, TOL[dtype], f"d{name}")
+        close(p_ours.grad, p_peer.grad, TOL[dtype], scale="magnitude", what=f"d{name}", same_dtype=True)
 
 
 def _as_function(module: nn.Module):
@@ -187,8 +179,8 @@ def test_non_contiguous_input_and_gradient(info, index, dtype, training) -> None
     dy = _non_contiguous(torch.randn(y_peer.shape, generator=torch.Generator().manual_seed(5), dtype=dtype))
     y_ours.backward(dy.detach())
     y_peer.backward(dy.detach())
-    _close(y_ours, y_peer, TOL[dtype], "y")
-    _close(x_ours.grad, x_peer.grad, TOL[dtype], "dx")
+    close(y_ours, y_peer, TOL[dtype], scale="magnitude", what="y", same_dtype=True)
+    close(x_ours.grad, x_peer.grad, TOL[dtype], scale="magnitude", what="dx", same_dtype=True)
     _assert_same_state(ours, peer, TOL[dtype], "after the call")
 
 
@@ -209,8 +201,8 @@ def test_channels_last_input(info, index, dtype, training) -> None:
     assert y_ours.is_contiguous(memory_format=layout) == y_peer.is_contiguous(memory_format=layout)
     y_ours.backward(torch.ones_like(y_ours))
     y_peer.backward(torch.ones_like(y_peer))
-    _close(y_ours, y_peer, TOL[dtype], "y")
-    _close(x_ours.grad, x_peer.grad, TOL[dtype], "dx")
+    close(y_ours, y_peer, TOL[dtype], scale="magnitude", what="y", same_dtype=True)
+    close(x_ours.grad, x_peer.grad, TOL[dtype], scale="magnitude", what="dx", same_dtype=True)
 
 
 def _round_trips(module: nn.Module) -> dict[str, nn.Module]:
@@ -233,8 +225,8 @@ def test_pickle_deepcopy_and_torch_save(info, index, training) -> None:
     for how, copied in _round_trips(ours).items():
         assert type(copied) is type(ours) and copied.training == training, how
         original = copy.deepcopy(ours)
-        _close(copied(x), original(x), 0.0, f"{how} y")
-        _assert_same_state(copied, original, 0.0, how)
+        close(copied(x), original(x), EXACT, scale="magnitude", what=f"{how} y", same_dtype=True)
+        _assert_same_state(copied, original, EXACT, how)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
@@ -248,9 +240,9 @@ def test_state_dict_round_trip_both_ways(info, index, dtype) -> None:
     back = OURS[info.module_cls](*args, **kwargs).to(dtype).eval()
     back.load_state_dict(peer.state_dict())
     assert ours.state_dict()._metadata[""]["version"] == peer.state_dict()._metadata[""]["version"]
-    _assert_same_state(back, ours, 0.0, "ours -> torch.nn -> ours")
+    _assert_same_state(back, ours, EXACT, "ours -> torch.nn -> ours")
     x = _input(sample)
-    _close(back(x), peer(x), TOL[dtype], "eval y")
+    close(back(x), peer(x), TOL[dtype], scale="magnitude", what="eval y", same_dtype=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)

@@ -10,13 +10,7 @@ from torch import nn
 
 import keras_bn
 import torch_ref
-from export.data import load_dataset, to_nchw_float, to_nhwc_float
-
-
-@pytest.fixture(scope="module")
-def mnist_test(mnist_dir):
-    data = load_dataset("mnist", data_dir=mnist_dir)
-    return data.x_test, data.y_test
+from export.data import to_nchw_float, to_nhwc_float
 
 
 def _keras_lenet(batch_norm: str | None, seed: int = 0, **kwargs) -> keras.Model:

@@ -15,21 +15,15 @@ import copy
 import pytest
 import torch
 from _bn_state import randomize_bn_state_
+from numerics import Tolerance, close, tolerance
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import torch_ref
 
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+TOL = {dtype: tolerance("summation-order", dtype) for dtype in (torch.float32, torch.float64)}
 MODES = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
 MOMENTA = [pytest.param(0.1, id="momentum0.1"), pytest.param(None, id="momentumNone")]
-
-
-def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
-    diff = float((ours.detach().double() - ref.detach().double()).abs().max())
-    scale = max(1.0, float(ref.detach().double().abs().max()))
-    assert diff <= tol * scale, f"{what}: max |ours - torch| = {diff:.3e} > {tol:.0e} * {scale:.3g}"
 
 
 def _pair(dtype: torch.dtype = torch.float64, momentum: float | None = 0.1, **kwargs):
@@ -46,12 +40,12 @@ def _x(step: int, dtype: torch.dtype = torch.float64, shape=(4, 3, 5, 5)) -> tor
     return torch.randn(shape, generator=gen, dtype=dtype) * 3 + 2
 
 
-def _assert_same_state(ours: nn.Module, peer: nn.Module, tol: float, what: str) -> None:
+def _assert_same_state(ours: nn.Module, peer: nn.Module, tol: Tolerance, what: str) -> None:
     for (key, a), (_, b) in zip(ours.state_dict().items(), peer.state_dict().items(), strict=True):
         if key == "num_batches_tracked":
             assert int(a) == int(b), f"{what}: {key} {int(a)} vs {int(b)}"
         else:
-            _close(a, b, tol, f"{what}: {key}")
+            close(a, b, tol, scale="magnitude", what=f"{what}: {key}")
 
 
 def _steps_match(run_ours, ours: nn.Module, peer: nn.Module, dtype: torch.dtype, steps: int = 2) -> None:
@@ -61,8 +55,8 @@ def _steps_match(run_ours, ours: nn.Module, peer: nn.Module, dtype: torch.dtype,
         y_ours, y_peer = run_ours(x_ours), peer(x_peer)
         (y_ours**3).sum().backward()
         (y_peer**3).sum().backward()
-        _close(y_ours, y_peer, TOL[dtype], f"step {step} y")
-        _close(x_ours.grad, x_peer.grad, TOL[dtype], f"step {step} dx")
+        close(y_ours, y_peer, TOL[dtype], scale="magnitude", what=f"step {step} y")
+        close(x_ours.grad, x_peer.grad, TOL[dtype], scale="magnitude", what=f"step {step} dx")
         _assert_same_state(ours, peer, TOL[dtype], f"step {step}")
 
 
@@ -135,16 +129,16 @@ def test_torch_func_grad_and_jacrev(training: bool) -> None:
     buffers_ours, buffers_peer = _buffers(ours), _buffers(peer)
     g_ours = grad(loss(ours), argnums=(0, 1))(params, x, buffers_ours)
     g_peer = grad(loss(peer), argnums=(0, 1))(params, x, buffers_peer)
-    _close(g_ours[1], g_peer[1], 1e-12, "d/dx")
+    close(g_ours[1], g_peer[1], TOL[torch.float64], scale="magnitude", what="d/dx")
     for name in params:
-        _close(g_ours[0][name], g_peer[0][name], 1e-12, f"d/d{name}")
+        close(g_ours[0][name], g_peer[0][name], TOL[torch.float64], scale="magnitude", what=f"d/d{name}")
     for name, value in buffers_peer.items():  # the updates land in the buffers passed in
-        _close(buffers_ours[name].double(), value.double(), 1e-12, name)
+        close(buffers_ours[name].double(), value.double(), TOL[torch.float64], scale="magnitude", what=name)
     if training:
         assert int(buffers_ours["num_batches_tracked"]) == 4
     j_ours = jacrev(lambda xx, b: functional_call(ours, {**params, **b}, (xx,)))(x, _buffers(ours))
     j_peer = jacrev(lambda xx, b: functional_call(peer, {**params, **b}, (xx,)))(x, _buffers(peer))
-    _close(j_ours, j_peer, 1e-12, "jacobian")
+    close(j_ours, j_peer, TOL[torch.float64], scale="magnitude", what="jacobian")
 
 
 @pytest.mark.parametrize(
@@ -161,9 +155,9 @@ def test_torch_func_vmap(setting: str) -> None:
             torch.func.replace_all_batch_norm_modules_(net)
     assert ours.running_mean is None or setting != "train-replace_all_batch_norm_modules_"  # ours was found
     xs = torch.stack([_x(k, shape=(4, 3, 2, 2)) for k in range(5)])
-    _close(vmap(nets[0])(xs), vmap(nets[1])(xs), 1e-12, "vmap y")
+    close(vmap(nets[0])(xs), vmap(nets[1])(xs), TOL[torch.float64], scale="magnitude", what="vmap y")
     per_batch = torch.stack([nets[0](x) for x in xs])
-    _close(vmap(nets[0])(xs), per_batch, 1e-12, "vmap vs loop")
+    close(vmap(nets[0])(xs), per_batch, TOL[torch.float64], scale="magnitude", what="vmap vs loop")
 
 
 @pytest.mark.parametrize("training", MODES)
@@ -180,15 +174,15 @@ def test_forward_mode_ad_matches_torch_nn(training: bool) -> None:
 
     y_ours, t_ours = jvp(call(ours), (params, x), (tangents, dx))
     y_peer, t_peer = jvp(call(peer), (params, x), (tangents, dx))
-    _close(y_ours, y_peer, 1e-12, "y")
-    _close(t_ours, t_peer, 1e-12, "tangent (torch.func.jvp)")
+    close(y_ours, y_peer, TOL[torch.float64], scale="magnitude", what="y")
+    close(t_ours, t_peer, TOL[torch.float64], scale="magnitude", what="tangent (torch.func.jvp)")
     import torch.autograd.forward_ad as fwAD
 
     with fwAD.dual_level():
         t_dual = fwAD.unpack_dual(ours(fwAD.make_dual(x, dx))).tangent
     with fwAD.dual_level():
         t_dual_peer = fwAD.unpack_dual(peer(fwAD.make_dual(x, dx))).tangent
-    _close(t_dual, t_dual_peer, 1e-12, "tangent (forward_ad)")
+    close(t_dual, t_dual_peer, TOL[torch.float64], scale="magnitude", what="tangent (forward_ad)")
 
 
 def test_torch_nn_helpers_find_our_layers() -> None:

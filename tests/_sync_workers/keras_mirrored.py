@@ -20,7 +20,7 @@ import threading
 import time
 
 import numpy as np
-from _common import EPS, KERAS_MOMENTUM, cases, replica_rows
+from _common import EPS, KERAS_MOMENTUM, cases, functional_bn_step, replica_rows
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -55,13 +55,7 @@ def check_function(strategy, inputs: dict, out: dict) -> None:
         g, b = tf.constant(gamma), tf.constant(beta)
 
         def step(xr, dyr, g=g, b=b):
-            with tf.GradientTape() as tape:
-                tape.watch([xr, g, b])
-                count, mean, var = cross_replica_moments(xr, [0, 1, 2])
-                y = g * (xr - mean) * tf.math.rsqrt(var + EPS) + b
-                loss = tf.reduce_sum(y * dyr)
-            dx, dg, db = tape.gradient(loss, [xr, g, b])
-            return count, mean, var, y, dx, dg, db
+            return functional_bn_step(xr, dyr, g, b)
 
         run = tf.function(lambda xs, dys, step=step: strategy.run(step, args=(xs, dys)))
         splits = inputs[f"{case}/splits"]

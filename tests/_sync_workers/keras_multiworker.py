@@ -28,7 +28,7 @@ import threading
 import time
 
 import numpy as np
-from _common import EPS, KERAS_MOMENTUM, cases, replica_rows
+from _common import EPS, KERAS_MOMENTUM, cases, functional_bn_step, replica_rows
 
 
 def _free_ports(count: int) -> list[int]:
@@ -64,12 +64,7 @@ def worker(index: int, inputs_path: str, out_path: str, deadline: float) -> int:
         g, b = tf.constant(gamma), tf.constant(beta)
 
         def step(xr, dyr, g=g, b=b):
-            with tf.GradientTape() as tape:
-                tape.watch([xr, g, b])
-                count, mean, var = cross_replica_moments(xr, [0, 1, 2])
-                y = g * (xr - mean) * tf.math.rsqrt(var + EPS) + b
-                loss = tf.reduce_sum(y * dyr)
-            return (count, mean, var, y, *tape.gradient(loss, [xr, g, b]))
+            return functional_bn_step(xr, dyr, g, b)
 
         res = tf.function(lambda xr, dyr, step=step: strategy.run(step, args=(xr, dyr)))(xr, dyr)
         for name, value in zip(("count", "mean", "var", "y", "dx", "dgamma", "dbeta"), res, strict=True):

@@ -1,5 +1,8 @@
 """Train a Keras model and its PyTorch twin in lockstep and measure how far apart they drift.
 
+Test infrastructure, not part of torch_ref: tests/test_torch_conformance.py runs it for 50 steps,
+bench/bench_conformance.py for 300.
+
 Both start from the same weights (``keras_to_torch``), see the same batches in the same order and
 take one optimizer step per batch. After every step each PyTorch tensor is compared with its Keras
 counterpart mapped into PyTorch layout by the (bit-exact) transfer, so a divergence is reported
@@ -51,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import keras_bn
+import torch_ref
 from torch_ref.transfer import _torch_units, keras_to_torch
 
 __all__ = ["StepDivergence", "divergence", "make_optimizers", "signed_difference", "train_lockstep"]
@@ -403,3 +408,20 @@ def train_lockstep(
         if routing is not None:
             routing.remove()
     return history
+
+
+def train_lenet_lockstep(
+    dtype: str, torch_bn: str, images: np.ndarray, labels: np.ndarray, **options
+) -> tuple[keras.Model, nn.Module, list[StepDivergence]]:
+    """The LeNet-BN pair trained in lockstep: keras_bn.BatchNorm (torch convention, momentum 0.1, eps 1e-5,
+    seed 0) against ``torch_ref.lenet_bn(torch_bn)``, both in ``dtype``; ``options`` go to train_lockstep.
+
+    Keras' floatx must already be ``dtype`` (Keras builds in it): a model built in another dtype is refused.
+    """
+    keras_model = keras_bn.lenet_bn("ours", convention="torch", momentum=0.1, epsilon=1e-5, seed=0)
+    built = {v.dtype for v in keras_model.weights if v.dtype != "int64"}
+    if built != {dtype}:
+        raise ValueError(f"Keras built the model in {sorted(built)}, not {dtype}: set keras.config.floatx first")
+    torch_model = torch_ref.lenet_bn(torch_bn).to(getattr(torch, dtype))
+    history = train_lockstep(keras_model, torch_model, images.astype(dtype), labels, **options)
+    return keras_model, torch_model, history
