@@ -82,10 +82,14 @@ def backward_closed_form(
     all_reduce_sum: AllReduceSum = identity,
     xp=None,
 ):
-    """Training-mode gradients ``(dx, dgamma, dbeta)`` given ``dy`` and ``x_hat`` (SPEC.md §4)::
+    """Training-mode gradients ``(dx, dgamma, dbeta)`` given ``dy`` and ``x_hat`` (SPEC.md §4, §7)::
 
-        dbeta  = sum_i dy_i,   dgamma = sum_i dy_i * x_hat_i     (summed over replicas)
-        dx_i   = scale / m * (m * dy_i - w_i * dbeta - w_i * x_hat_i * dgamma)
+        dbeta  = sum_i dy_i,   dgamma = sum_i dy_i * x_hat_i
+        dx_i   = scale / m * (m * dy_i - w_i * DBETA - w_i * x_hat_i * DGAMMA)
+
+    where DBETA, DGAMMA are dbeta, dgamma summed over replicas by ``all_reduce_sum``: every x_i
+    moves the shared statistics. The returned ``dgamma``, ``dbeta`` are this replica's own sums,
+    the gradient of its own loss; the optimizer's cross-replica gradient sum adds them up.
 
     with ``scale = gamma / sigma`` (keepdims), ``m = count`` (keepdims; the weights' sum where
     masked, all replicas' values where synchronized) and ``w`` the mask (1 without one). Sums run
@@ -94,12 +98,13 @@ def backward_closed_form(
     the reduced axes (size 1). A channel without values divides by 1, not 0.
     """
     ns = namespace(xp)
-    dbeta, dgamma = all_reduce_sum([ns.sum(dy, axis=axes, keepdims=True), ns.sum(dy * x_hat, axis=axes, keepdims=True)])
+    dbeta, dgamma = ns.sum(dy, axis=axes, keepdims=True), ns.sum(dy * x_hat, axis=axes, keepdims=True)
+    total_dbeta, total_dgamma = all_reduce_sum([dbeta, dgamma])
     m = safe_count(count, ns)
     if weights is None:
-        dx = scale / m * (m * dy - dbeta - x_hat * dgamma)
+        dx = scale / m * (m * dy - total_dbeta - x_hat * total_dgamma)
     else:
-        dx = scale / m * (m * dy - weights * dbeta - weights * x_hat * dgamma)
+        dx = scale / m * (m * dy - weights * total_dbeta - weights * x_hat * total_dgamma)
     return dx, dgamma, dbeta
 
 

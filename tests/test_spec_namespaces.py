@@ -56,10 +56,8 @@ def test_shifted_moments_match_numpy_float64(name, refine, masked, batch):
         np.testing.assert_allclose(_numpy(got).reshape(-1) * np.ones(3), want, rtol=RTOL, atol=ATOL)
 
 
-def test_shifted_moments_sum_over_replicas(batch):
-    """Two replicas of unequal size (2 and 4 rows) exchanging sums through threads equal one batch of both."""
-    x, _ = batch
-    parts = [torch.as_tensor(x[:2]), torch.as_tensor(x[2:])]
+def _two_replicas(work):
+    """Run ``work(rank, all_reduce_sum)`` for ranks 0 and 1 in threads that exchange sums like a collective."""
     barrier, posted, results = threading.Barrier(2, timeout=30), [None, None], [None, None]
 
     def replica(rank: int) -> None:
@@ -70,13 +68,23 @@ def test_shifted_moments_sum_over_replicas(batch):
             barrier.wait()  # neither replica posts its next round before both have read this one
             return total
 
-        results[rank] = spec.shifted_moments(parts[rank], AXES, all_reduce_sum=all_reduce_sum, xp=torch)
+        results[rank] = work(rank, all_reduce_sum)
 
     threads = [threading.Thread(target=replica, args=(rank,)) for rank in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return results
+
+
+def test_shifted_moments_sum_over_replicas(batch):
+    """Two replicas of unequal size (2 and 4 rows) exchanging sums equal one batch of both."""
+    x, _ = batch
+    parts = [torch.as_tensor(x[:2]), torch.as_tensor(x[2:])]
+    results = _two_replicas(
+        lambda rank, reduce: spec.shifted_moments(parts[rank], AXES, all_reduce_sum=reduce, xp=torch)
+    )
     xd = x.astype(np.float64)
     for stats in results:
         np.testing.assert_allclose(_numpy(stats.count).reshape(-1), np.full(3, 30.0))
@@ -84,39 +92,66 @@ def test_shifted_moments_sum_over_replicas(batch):
         np.testing.assert_allclose(_numpy(stats.var).reshape(-1), xd.var(axis=AXES), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
-@pytest.mark.parametrize("name", NAMESPACES)
-def test_backward_closed_form_matches_autograd(name, masked, batch, rng):
-    """Oracle: torch autograd (float64) through the textbook forward y = gamma * (x - mean) / sigma + beta."""
-    xp, tensor = NAMESPACES[name]
-    x, mask = batch
-    gamma = rng.uniform(0.5, 2.0, 3).astype(np.float32)
-    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
-    eps = 1e-3
-    w = torch.as_tensor(mask if masked else np.ones_like(x), dtype=torch.float64)
+def _autograd_reference(x, gamma, dy, mask, eps):
+    """Oracle: torch autograd (float64) through y = gamma * (x - mean) / sqrt(var + eps), weighted moments."""
+    w = torch.as_tensor(mask, dtype=torch.float64)
     xt = torch.as_tensor(x, dtype=torch.float64).requires_grad_()
     gt = torch.as_tensor(gamma, dtype=torch.float64).requires_grad_()
     count = w.sum(dim=AXES, keepdim=True)
     mean = (w * xt).sum(dim=AXES, keepdim=True) / count
     var = (w * (xt - mean) ** 2).sum(dim=AXES, keepdim=True) / count
-    y = gt.view(1, -1, 1) * (xt - mean) / torch.sqrt(var + eps)
+    inv_sigma = torch.rsqrt(var + eps)
+    y = gt.view(1, -1, 1) * (xt - mean) * inv_sigma
     y.backward(torch.as_tensor(dy, dtype=torch.float64))
+    x_hat = ((xt - mean) * inv_sigma).detach().float().numpy()
+    scale = (gt.view(1, -1, 1) * inv_sigma).detach().float().numpy()
+    return x_hat, scale, count.float().numpy(), xt.grad.numpy(), gt.grad.numpy()
 
-    x_hat = ((xt - mean) / torch.sqrt(var + eps)).detach().float().numpy()
-    scale, _ = spec.inference_affine(
-        mean.detach().reshape(-1), var.detach().reshape(-1), torch.as_tensor(gamma), eps=eps, xp=torch
+
+def test_backward_closed_form_over_replicas(batch, rng):
+    """dx from global sums on each replica; each replica's dgamma/dbeta are its own, and add up to the total."""
+    x, _ = batch
+    gamma = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    x_hat, scale, count, dx_want, dgamma_want = _autograd_reference(x, gamma, dy, np.ones_like(x), 1e-3)
+    rows = [slice(0, 2), slice(2, None)]
+
+    def work(rank, reduce):
+        part = rows[rank]
+        args = (torch.as_tensor(dy[part]), torch.as_tensor(x_hat[part]), torch.as_tensor(scale))
+        return spec.backward_closed_form(*args, AXES, count=torch.as_tensor(count), all_reduce_sum=reduce, xp=torch)
+
+    results = _two_replicas(work)
+    dx = np.concatenate([_numpy(r[0]) for r in results])
+    np.testing.assert_allclose(dx, dx_want, rtol=RTOL, atol=ATOL)
+    local_dgamma = [_numpy(r[1]).reshape(-1) for r in results]
+    np.testing.assert_allclose(
+        local_dgamma[0], (dy[:2] * x_hat[:2]).astype(np.float64).sum(axis=AXES), rtol=RTOL, atol=ATOL
+    )
+    np.testing.assert_allclose(sum(local_dgamma), dgamma_want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_backward_closed_form_matches_autograd(name, masked, batch, rng):
+    xp, tensor = NAMESPACES[name]
+    x, mask = batch
+    gamma = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    x_hat, scale, count, dx_want, dgamma_want = _autograd_reference(
+        x, gamma, dy, mask if masked else np.ones_like(x), 1e-3
     )
     dx, dgamma, dbeta = spec.backward_closed_form(
         tensor(dy),
         tensor(x_hat),
-        tensor(scale.float().numpy().reshape(1, -1, 1)),
+        tensor(scale),
         AXES,
-        count=tensor(count.float().numpy()),
+        count=tensor(count),
         weights=tensor(mask) if masked else None,
         xp=xp,
     )
-    np.testing.assert_allclose(_numpy(dx), xt.grad.numpy(), rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(_numpy(dgamma).reshape(-1), gt.grad.numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_numpy(dx), dx_want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_numpy(dgamma).reshape(-1), dgamma_want, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(_numpy(dbeta).reshape(-1), dy.astype(np.float64).sum(axis=AXES), rtol=RTOL, atol=ATOL)
 
 
