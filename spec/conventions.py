@@ -243,6 +243,12 @@ def variance_for_update(conv: Convention, var, count, *, xp=None):
     return var * count / ns.where(count > 1.0, count - 1.0, 1.0)
 
 
+def biased_variance(unbiased_var, count, *, xp=None):
+    """The inverse of :func:`variance_for_update`'s Bessel factor: ``var * (m - 1) / m``, for kernels
+    (TensorFlow's FusedBatchNormV3) that return the unbiased variance where spec wants the biased one."""
+    return unbiased_var * ((count - 1.0) / count)
+
+
 def moving_average(old, batch, weight):
     """``new = (1 - w) * old + w * batch``: every convention's update (SPEC.md §5), any namespace."""
     return (1.0 - weight) * old + weight * batch
