@@ -36,9 +36,9 @@ from keras_bn.updates import PendingUpdate
 # TensorFlow's fused kernel and tf.distribute's cross-replica sum exist on the TensorFlow backend only;
 # on jax and torch, Keras never imports TensorFlow and neither do we (seconds of start-up, a second thread pool).
 if keras.backend.backend() == "tensorflow":
-    from keras_bn import _fused, sync
+    from keras_bn import _fused, sync, tuning
 else:
-    _fused = sync = None
+    _fused = sync = tuning = None
 
 STATS_UPDATES = ("auto", "deferred", "frozen")
 NORMALIZE_WITH = ("batch", "moving")
@@ -166,9 +166,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
         affine_trainable: whether gamma and beta are trained (``False``: fixed affine).
         fused: ``True`` uses TensorFlow's fused kernel wherever it applies (TF backend, channel
             axis last or 1, float16/bfloat16/float32, no mask/renorm/synchronized in
-            training, not under XLA); ``None`` (default) does so where it is also faster: for
-            training calls on a CPU-only machine, inputs with a spatial extent and a channel
-            count divisible by 4 (``keras_bn._fused.pays_off``); ``False`` always uses the generic
+            training, not under XLA); ``None`` (default) does so for inference, and for training
+            where it was measured faster on this machine, once per input shape, dtype and device
+            (``keras_bn.tuning``: ``KERAS_BN_FUSED`` overrides, ``KERAS_BN_FUSED_CACHE`` keeps the
+            decisions, ``keras_bn.tune`` measures ahead); ``False`` always uses the generic
             ``keras.ops`` path.
 
     Weights, in Keras' order: ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``
@@ -455,11 +456,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _fused_training_format(self, inputs, weights) -> str | None:
         """The fused format for a training call, or None: the kernel has no mask, renorm or cross-replica sum,
-        and with ``fused=None`` it is used only where it pays off (``_fused.pays_off``)."""
+        and with ``fused=None`` it is used where it was measured faster on this machine (``keras_bn.tuning``)."""
         if weights is not None or self.renorm or self.synchronized:
             return None
         fmt = self._fused_format(inputs)
-        if fmt and self.fused is None and not _fused.pays_off(inputs.shape, self._channel_axis):
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if fmt and self.fused is None and not tuning.use_fused(tuple(inputs.shape), self._channel_axis, dtype):
             return None
         return fmt
 
