@@ -2,8 +2,10 @@
 control of the moving statistics.
 
 The layer is bookkeeping: weights, config, and the decision *when* statistics are computed,
-used and stored. The math is in ``keras_bn._ops`` (``spec``'s formulas in ``keras.ops``)
-and, for the TensorFlow fast path, in the fused kernel (``keras_bn._fused``).
+used and stored. The math is ``spec``'s, called on Keras tensors through ``keras_bn._ops``
+(gradient wiring, graph-safe update, renorm), and, for the TensorFlow fast path, TensorFlow's
+fused kernel (``keras_bn._fused``). ``call`` picks one path per call: fused or generic, each
+with a training and an inference branch; renorm only changes the generic path's affine map.
 
 Three independent choices, each an argument (matrix of uses: docs/stats_update.md):
 
