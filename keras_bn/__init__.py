@@ -7,6 +7,10 @@ from keras_bn.updates import ApplyUpdates, apply_updates, check_updates, pending
 
 
 def __getattr__(name: str):
+    if name == "tune":  # the fused-kernel choice (keras_bn/tuning.py); TensorFlow backend only, imported on use
+        from keras_bn.tuning import tune
+
+        return tune
     if name == "from_torch":  # PyTorch -> Keras (keras_bn/_from_torch.py); torch is an optional extra
         from keras_bn._from_torch import from_torch
 

@@ -23,6 +23,8 @@ import functools
 
 import tensorflow as tf
 
+import spec
+
 try:  # private but stable since TF 1.x; Keras 2 used it for the same purpose
     from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
 except ImportError:  # pragma: no cover - if TF moves it, stay correct (generic path) rather than fast
@@ -130,7 +132,7 @@ def train(x, gamma, beta, epsilon: float, fmt: str):
     if shift is not None:
         mean = mean + tf.reshape(shift, [channels])
     m = tf.cast(tf.size(x, out_type=tf.int64), tf.float32) / channels
-    var = unbiased * ((m - 1.0) / m)
+    var = spec.biased_variance(unbiased, m)
     count = tf.fill([channels], m)
     return tf.reshape(y, tf.shape(x)), count, tf.stop_gradient(mean), tf.stop_gradient(var)
 

@@ -2,8 +2,10 @@
 control of the moving statistics.
 
 The layer is bookkeeping: weights, config, and the decision *when* statistics are computed,
-used and stored. The math is in ``keras_bn._ops`` (``spec``'s formulas in ``keras.ops``)
-and, for the TensorFlow fast path, in the fused kernel (``keras_bn._fused``).
+used and stored. The math is ``spec``'s, called on Keras tensors through ``keras_bn._ops``
+(gradient wiring, graph-safe update, renorm), and, for the TensorFlow fast path, TensorFlow's
+fused kernel (``keras_bn._fused``). ``call`` picks one path per call: fused or generic, each
+with a training and an inference branch; renorm only changes the generic path's affine map.
 
 Three independent choices, each an argument (matrix of uses: docs/stats_update.md):
 
@@ -29,8 +31,16 @@ import numpy as np
 from keras import constraints, initializers, ops, regularizers
 from keras.layers import InputSpec
 
+import spec
 from keras_bn import _ops
 from keras_bn.updates import PendingUpdate
+
+# TensorFlow's fused kernel and tf.distribute's cross-replica sum exist on the TensorFlow backend only;
+# on jax and torch, Keras never imports TensorFlow and neither do we (seconds of start-up, a second thread pool).
+if keras.backend.backend() == "tensorflow":
+    from keras_bn import _fused, sync, tuning
+else:
+    _fused = sync = tuning = None
 
 STATS_UPDATES = ("auto", "deferred", "frozen")
 NORMALIZE_WITH = ("batch", "moving")
@@ -93,6 +103,37 @@ def _check_renorm_clipping(clipping) -> dict:
     return dict(clipping)
 
 
+def _hyperparameters(convention: str, momentum, epsilon) -> spec.Hyperparameters:
+    """spec's one check of (convention, momentum, eps), in Keras' spelling.
+
+    ``None`` means the convention's default; torch's ``momentum=None`` (cumulative average) is
+    spelled ``"cumulative"``. ``epsilon`` is checked first under Keras' name for it.
+    """
+    if epsilon is not None:
+        epsilon = _check_number("epsilon", epsilon, low=-math.inf)
+        if not 0.0 < epsilon < math.inf:
+            raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
+    if momentum is None:
+        momentum = spec.DEFAULT
+    elif isinstance(momentum, str) and momentum == CUMULATIVE:
+        momentum = None
+    return spec.check_hyperparameters(convention, momentum, spec.DEFAULT if epsilon is None else epsilon)
+
+
+def _check_statistics_options(stats_update, normalize_with, fused) -> None:
+    if stats_update not in STATS_UPDATES:
+        raise ValueError(f"stats_update must be one of {STATS_UPDATES}, got {stats_update!r}")
+    if stats_update == "deferred" and keras.backend.backend() not in ("tensorflow", "torch"):
+        # the pending buffer is a set of untracked variables: stateful backends only
+        raise ValueError(
+            f"stats_update='deferred' needs the tensorflow or torch backend, not {keras.backend.backend()}"
+        )
+    if normalize_with not in NORMALIZE_WITH:
+        raise ValueError(f"normalize_with must be one of {NORMALIZE_WITH}, got {normalize_with!r}")
+    if fused not in (None, True, False):
+        raise ValueError(f"fused must be None (auto), True or False, got {fused!r}")
+
+
 @keras.saving.register_keras_serializable(package="keras_bn", name="BatchNorm")
 class BatchNormalization(keras.layers.BatchNormalization):
     """Batch normalization (Ioffe & Szegedy 2015) with a choice of convention and update timing.
@@ -127,9 +168,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
         affine_trainable: whether gamma and beta are trained (``False``: fixed affine).
         fused: ``True`` uses TensorFlow's fused kernel wherever it applies (TF backend, channel
             axis last or 1, float16/bfloat16/float32, no mask/renorm/synchronized in
-            training, not under XLA); ``None`` (default) does so where it is also faster: for
-            training calls on a CPU-only machine, inputs with a spatial extent and a channel
-            count divisible by 4 (``keras_bn._fused.pays_off``); ``False`` always uses the generic
+            training, not under XLA); ``None`` (default) does so for inference, and for training
+            where it was measured faster on this machine, once per input shape, dtype and device
+            (``keras_bn.tuning``: ``KERAS_BN_FUSED`` overrides, ``KERAS_BN_FUSED_CACHE`` keeps the
+            decisions, ``keras_bn.tune`` measures ahead); ``False`` always uses the generic
             ``keras.ops`` path.
 
     Weights, in Keras' order: ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``
@@ -182,34 +224,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         # Layer's __init__, not BatchNormalization's: every attribute is set (and checked) below.
         keras.layers.Layer.__init__(self, **kwargs)
         self.axis = _check_axis(axis)
-        conv = _ops.validate_hyperparameters(convention, 0.5, 1.0)  # convention first: names the problem
-        if momentum is None:
-            momentum = conv.default_momentum
-        elif isinstance(momentum, str) and momentum == CUMULATIVE:
-            momentum = None
-        else:
-            momentum = _check_number("momentum", momentum, low=0.0, high=1.0)
-        if epsilon is not None:
-            epsilon = _check_number("epsilon", epsilon, low=-math.inf)
-            if not 0.0 < epsilon < math.inf:
-                raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
-        self._conv = _ops.validate_hyperparameters(
-            convention, momentum, conv.default_eps if epsilon is None else epsilon
-        )
+        self._conv, self.momentum, self.epsilon = _hyperparameters(convention, momentum, epsilon)
         self.convention = convention
-        self.momentum = None if momentum is None else float(momentum)
-        self.epsilon = float(conv.default_eps if epsilon is None else epsilon)
-        if stats_update not in STATS_UPDATES:
-            raise ValueError(f"stats_update must be one of {STATS_UPDATES}, got {stats_update!r}")
-        if stats_update == "deferred" and keras.backend.backend() not in ("tensorflow", "torch"):
-            # the pending buffer is a set of untracked variables: stateful backends only
-            raise ValueError(
-                f"stats_update='deferred' needs the tensorflow or torch backend, not {keras.backend.backend()}"
-            )
-        if normalize_with not in NORMALIZE_WITH:
-            raise ValueError(f"normalize_with must be one of {NORMALIZE_WITH}, got {normalize_with!r}")
-        if fused not in (None, True, False):
-            raise ValueError(f"fused must be None (auto), True or False, got {fused!r}")
+        _check_statistics_options(stats_update, normalize_with, fused)
         self.stats_update = stats_update
         self.normalize_with = normalize_with
         self.fused = fused
@@ -260,70 +277,25 @@ class BatchNormalization(keras.layers.BatchNormalization):
             raise ValueError(f"the channel axis {self.axis} must have a known size, got input shape {input_shape}")
         shape = (channels,)
         if self.scale:
-            self.gamma = self.add_weight(
-                shape=shape,
-                name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                trainable=self.affine_trainable,
-                autocast=False,
+            self.gamma = self._affine_weight(
+                "gamma", shape, self.gamma_initializer, self.gamma_regularizer, self.gamma_constraint
             )
         if self.center:
-            self.beta = self.add_weight(
-                shape=shape,
-                name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                trainable=self.affine_trainable,
-                autocast=False,
+            self.beta = self._affine_weight(
+                "beta", shape, self.beta_initializer, self.beta_regularizer, self.beta_constraint
             )
-        self.moving_mean = self.add_weight(
-            shape=shape, name="moving_mean", initializer=self.moving_mean_initializer, trainable=False, autocast=False
-        )
-        self.moving_variance = self.add_weight(
-            shape=shape,
-            name="moving_variance",
-            initializer=self.moving_variance_initializer,
-            trainable=False,
-            autocast=False,
-        )
+        self.moving_mean = self._statistic("moving_mean", shape, self.moving_mean_initializer)
+        self.moving_variance = self._statistic("moving_variance", shape, self.moving_variance_initializer)
         if self.renorm:
             # Keras tracks the moving stddev (initialized at sqrt of the variance initializer).
             def moving_stddev_initializer(shape, dtype=None):
                 return ops.sqrt(_clone_initializer(self.moving_variance_initializer)(shape, dtype=dtype))
 
-            self.moving_stddev = self.add_weight(
-                shape=shape,
-                name="moving_stddev",
-                initializer=moving_stddev_initializer,
-                trainable=False,
-                autocast=False,
-            )
-            self.renorm_mean = self.add_weight(
-                shape=shape,
-                name="renorm_mean",
-                initializer=_clone_initializer(self.moving_mean_initializer),
-                trainable=False,
-                autocast=False,
-            )
-            self.renorm_stddev = self.add_weight(
-                shape=shape,
-                name="renorm_stddev",
-                initializer=moving_stddev_initializer,
-                trainable=False,
-                autocast=False,
-            )
-        if _ops.needs_counter(self._conv, self.momentum):
-            self.num_batches_tracked = self.add_weight(
-                shape=(),
-                name="num_batches_tracked",
-                initializer="zeros",
-                dtype="int64",
-                trainable=False,
-                autocast=False,
-            )
+            self.moving_stddev = self._statistic("moving_stddev", shape, moving_stddev_initializer)
+            self.renorm_mean = self._statistic("renorm_mean", shape, _clone_initializer(self.moving_mean_initializer))
+            self.renorm_stddev = self._statistic("renorm_stddev", shape, moving_stddev_initializer)
+        if spec.needs_counter(self._conv, self.momentum):
+            self.num_batches_tracked = self._statistic("num_batches_tracked", (), "zeros", dtype="int64")
         if self.stats_update == "deferred":
             self._pending = PendingUpdate(self.name, channels, self.variable_dtype)
 
@@ -332,6 +304,23 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self._reduction_axes = tuple(a for a in range(ndim) if a != self._channel_axis)
         self._channels = channels
 
+    def _affine_weight(self, name: str, shape, initializer, regularizer, constraint):
+        return self.add_weight(
+            shape=shape,
+            name=name,
+            initializer=initializer,
+            regularizer=regularizer,
+            constraint=constraint,
+            trainable=self.affine_trainable,
+            autocast=False,
+        )
+
+    def _statistic(self, name: str, shape, initializer, dtype=None):
+        """A non-trainable weight in the variable dtype (or ``dtype``), never autocast: statistics stay float32+."""
+        return self.add_weight(
+            shape=shape, name=name, initializer=initializer, dtype=dtype, trainable=False, autocast=False
+        )
+
     def compute_output_shape(self, input_shape):
         if not -len(input_shape) <= self.axis < len(input_shape):
             raise ValueError(f"Axis {self.axis} is out of bounds for input shape {input_shape}.")
@@ -339,6 +328,28 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     # ------------------------------------------------------------------ call
     def call(self, inputs, training=None, mask=None):
+        self._check_inputs(inputs)
+        training = bool(training) and self.trainable  # Keras: trainable=False means inference mode
+        batch_stats = training and self.normalize_with == "batch"
+        update = training and self.stats_update != "frozen"
+        if (batch_stats or update) and self.convention == "torch":
+            self._check_more_than_one_value(inputs)
+        x, weights = self._as_statistics_dtype(inputs, mask)
+        if batch_stats:
+            fmt = self._fused_training_format(inputs, weights)
+            y, stats = self._train_fused(inputs, fmt) if fmt else self._train_generic(x, weights)
+        else:
+            y = self._infer(inputs, x)
+            stats = self._batch_statistics(x, weights) if update else None
+        if update:
+            count, mean, var = (ops.stop_gradient(t) for t in stats)
+            if self.stats_update == "deferred":
+                self._pending.record(count, mean, var, apply_late=self._apply_pending)
+            else:
+                self._update_moving_stats(count, mean, var)
+        return ops.cast(y, self.compute_dtype)
+
+    def _check_inputs(self, inputs) -> None:
         dtype = keras.backend.standardize_dtype(inputs.dtype)
         if "float" not in dtype:
             raise TypeError(f"BatchNorm {self.name!r} needs floating-point inputs, got dtype {dtype}")
@@ -347,73 +358,60 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 f"BatchNorm {self.name!r} was built for {self._channels} channels on axis {self.axis}, "
                 f"got input shape {inputs.shape}"
             )
-        if mask is not None:
-            mask = self._broadcast_mask(mask, inputs)
-        training = bool(training) and self.trainable  # Keras: trainable=False means inference mode
-        batch_stats = training and self.normalize_with == "batch"
-        update = training and self.stats_update != "frozen"
-        if (batch_stats or update) and self.convention == "torch":
-            self._check_more_than_one_value(inputs)
-        stat_dtype = keras.backend.result_type(inputs.dtype, "float32")  # float32 for half inputs
-        gamma = None if self.gamma is None else ops.cast(self.gamma, stat_dtype)
-        beta = None if self.beta is None else ops.cast(self.beta, stat_dtype)
+
+    def _as_statistics_dtype(self, inputs, mask):
+        """``x`` in the statistics' dtype (float32 for half inputs) and the mask as 0/1 weights like x, or None."""
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        weights = None if mask is None else ops.cast(self._broadcast_mask(mask, inputs), x.dtype)
+        return x, weights
+
+    def _affine(self, dtype):
+        """gamma and beta in the statistics' dtype (None where scale=False / center=False)."""
+        gamma = None if self.gamma is None else ops.cast(self.gamma, dtype)
+        beta = None if self.beta is None else ops.cast(self.beta, dtype)
+        return gamma, beta
+
+    def _all_reduce_sum(self):
+        """The cross-replica sum spec's formulas take: tf.distribute's where synchronized, else none."""
+        return sync.all_reduce_sum() if self.synchronized else spec.identity
+
+    def _train_generic(self, x, weights):
+        """Batch statistics (summed over replicas where synchronized), renorm's affine, closed-form gradient."""
+        reduce = self._all_reduce_sum()
+        stats = _ops.moments(x, self._reduction_axes, weights, reduce)
+        mean, var = _ops.per_channel(stats.mean), _ops.per_channel(stats.var)
+        gamma, beta = self._affine(x.dtype)
+        if self.renorm:
+            gamma, beta = self._renorm_affine(mean, var, gamma, beta, x.dtype)
+        y = _ops.normalize_batch(x, stats, gamma, beta, self.epsilon, self._reduction_axes, weights, reduce)
+        return y, (_ops.per_channel(stats.count), mean, var)
+
+    def _train_fused(self, inputs, fmt: str):
+        gamma, beta = self._affine("float32")
+        y, count, mean, var = _fused.train(inputs, gamma, beta, self.epsilon, fmt)
+        return y, (count, mean, var)
+
+    def _batch_statistics(self, x, weights):
+        """``(count, mean, var)`` of the batch for an update while normalizing with the moving statistics."""
+        stats = _ops.moments(x, self._reduction_axes, weights, self._all_reduce_sum())
+        return tuple(_ops.per_channel(t) for t in stats[:3])
+
+    def _infer(self, inputs, x):
+        """Normalize with the moving statistics: TF's fused kernel where it applies, else Keras' own op."""
+        gamma, beta = self._affine(x.dtype)
+        moving_mean = ops.cast(self.moving_mean, x.dtype)
+        moving_var = ops.cast(self.moving_variance, x.dtype)
         fmt = self._fused_format(inputs)
-        if fmt and self.fused is None:
-            from keras_bn import _fused
-
-            train_fused = _fused.pays_off(inputs.shape, self._channel_axis)
-        else:
-            train_fused = bool(fmt)
-
-        if batch_stats and train_fused and mask is None and not self.renorm and not self.synchronized:
-            from keras_bn import _fused
-
-            y, count, mean, var = _fused.train(inputs, gamma, beta, self.epsilon, fmt)
-        elif batch_stats and self.synchronized:
-            count, mean, var, centered = self._sync_moments(ops.cast(inputs, stat_dtype), mask)
-            if self.renorm:
-                gamma, beta = self._renorm_affine(mean, var, gamma, beta, stat_dtype)
-            y = _ops.scale_and_shift(centered, var, gamma, beta, self.epsilon, self._channel_axis)
-        elif batch_stats:
-            x = ops.cast(inputs, stat_dtype)
-            stats = _ops.moments(x, self._reduction_axes, mask)
-            count, mean, var = stats.count, stats.mean, stats.var
-            if self.renorm:
-                gamma, beta = self._renorm_affine(mean, var, gamma, beta, stat_dtype)
-            y = _ops.normalize_batch(x, stats, gamma, beta, self.epsilon, self._channel_axis)
-        else:
-            moving_mean = ops.cast(self.moving_mean, stat_dtype)
-            moving_var = ops.cast(self.moving_variance, stat_dtype)
-            if fmt:
-                from keras_bn import _fused
-
-                y = _fused.infer(inputs, gamma, beta, moving_mean, moving_var, self.epsilon, fmt)
-            else:
-                # Keras' own op with Keras' arguments (batch_normalization.py, call): bit-identical
-                # to keras.layers.BatchNormalization, so replace_batch_norm (fused=False) changes no
-                # output. A last channel axis is passed as -1, as Keras' default (same values).
-                last = self._channel_axis == len(inputs.shape) - 1
-                y = ops.batch_normalization(
-                    ops.cast(inputs, stat_dtype),
-                    moving_mean,
-                    moving_var,
-                    axis=-1 if last else self._channel_axis,
-                    offset=beta,
-                    scale=gamma,
-                    epsilon=self.epsilon,
-                )
-            if update and self.synchronized:
-                count, mean, var, _ = self._sync_moments(ops.cast(inputs, stat_dtype), mask)
-            elif update:
-                count, mean, var, *_ = _ops.moments(ops.cast(inputs, stat_dtype), self._reduction_axes, mask)
-
-        if update:
-            mean, var = ops.stop_gradient(mean), ops.stop_gradient(var)
-            if self.stats_update == "deferred":
-                self._pending.record(count, mean, var, apply_late=self._apply_pending)
-            else:
-                self._update_moving_stats(count, mean, var)
-        return ops.cast(y, self.compute_dtype)
+        if fmt:
+            return _fused.infer(inputs, gamma, beta, moving_mean, moving_var, self.epsilon, fmt)
+        # Keras' own op with Keras' arguments (batch_normalization.py, call): bit-identical to
+        # keras.layers.BatchNormalization, so replace_batch_norm (fused=False) changes no output.
+        # A last channel axis is passed as -1, as Keras' default (same values).
+        last = self._channel_axis == len(inputs.shape) - 1
+        axis = -1 if last else self._channel_axis
+        return ops.batch_normalization(
+            x, moving_mean, moving_var, axis=axis, offset=beta, scale=gamma, epsilon=self.epsilon
+        )
 
     def _broadcast_mask(self, mask, inputs):
         """Keras' mask rule (batch_normalization.py, ``_moments``): expand on the *last* axis, broadcast.
@@ -452,21 +450,22 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _fused_format(self, inputs) -> str | None:
         """The fused kernel's data format for these inputs, or None for the generic path."""
-        if self.fused is False or keras.backend.backend() != "tensorflow":
+        if self.fused is False or _fused is None:
             return None
-        from keras_bn import _fused
-
         if keras.backend.standardize_dtype(inputs.dtype) not in _fused.DTYPES or _fused.in_xla_context():
             return None
         return _fused.data_format(len(inputs.shape), self._channel_axis)
 
-    def _sync_moments(self, x, mask):
-        """``(count, mean, var, x - mean)`` of all replicas' batch (differentiable; keras_bn.sync)."""
-        from keras_bn import sync
-
-        # centered = (x - shift) - D1/n: exact at large offsets, unlike x - float32(mean).
-        stats = sync.cross_replica_moments(x, self._reduction_axes, mask=mask, return_centered=True)
-        return tuple(ops.cast(t, x.dtype) for t in stats)
+    def _fused_training_format(self, inputs, weights) -> str | None:
+        """The fused format for a training call, or None: the kernel has no mask, renorm or cross-replica sum,
+        and with ``fused=None`` it is used where it was measured faster on this machine (``keras_bn.tuning``)."""
+        if weights is not None or self.renorm or self.synchronized:
+            return None
+        fmt = self._fused_format(inputs)
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if fmt and self.fused is None and not tuning.use_fused(tuple(inputs.shape), self._channel_axis, dtype):
+            return None
+        return fmt
 
     def _renorm_affine(self, mean, var, gamma, beta, dtype):
         """Fold renorm's (r, d) into the affine map: (x_hat * r + d) * gamma + beta."""
@@ -486,29 +485,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def _update_moving_stats(self, count, mean, var, gate=None):
         """Assign the moving statistics after one batch (only where ``gate``, if given)."""
 
+        if self.renorm:
+            self._update_renorm_stats(count, mean, var, gate)
+            return
+
         def assign(variable, value):
             value = ops.cast(value, variable.dtype)
             variable.assign(value if gate is None else ops.where(gate, value, variable.value))
 
-        if self.renorm:
-            # Keras' renorm update has no count; an empty or fully masked batch changes nothing (as above).
-            has_values = ops.cast(count, "float32") >= 1.0
-            gate = has_values if gate is None else ops.logical_and(gate, has_values)
-            dtype = self.moving_mean.dtype
-            new = _ops.renorm_update(
-                ops.cast(mean, dtype),
-                ops.cast(var, dtype),
-                moving_mean=self.moving_mean.value,
-                moving_stddev=self.moving_stddev.value,
-                renorm_mean=self.renorm_mean.value,
-                renorm_stddev=self.renorm_stddev.value,
-                momentum=self.momentum,
-                renorm_momentum=self.renorm_momentum,
-                epsilon=self.epsilon,
-            )
-            for name, value in new.items():
-                assign(getattr(self, name), value)
-            return
         counter = self.num_batches_tracked
         new_mean, new_var, valid = _ops.update_running_stats(
             self.moving_mean.value,
@@ -529,6 +513,27 @@ class BatchNormalization(keras.layers.BatchNormalization):
             step = ops.convert_to_tensor(True) if self.convention == "torch" else ops.all(valid)
             step = step if gate is None else ops.logical_and(gate, step)
             counter.assign(counter.value + ops.cast(step, "int64"))
+
+    def _update_renorm_stats(self, count, mean, var, gate=None):
+        """Keras' renorm update (``_ops.renorm_update``); it has no count, so an empty or fully masked batch
+        changes nothing, as in the other conventions."""
+        has_values = ops.cast(count, "float32") >= 1.0
+        gate = has_values if gate is None else ops.logical_and(gate, has_values)
+        dtype = self.moving_mean.dtype
+        new = _ops.renorm_update(
+            ops.cast(mean, dtype),
+            ops.cast(var, dtype),
+            moving_mean=self.moving_mean.value,
+            moving_stddev=self.moving_stddev.value,
+            renorm_mean=self.renorm_mean.value,
+            renorm_stddev=self.renorm_stddev.value,
+            momentum=self.momentum,
+            renorm_momentum=self.renorm_momentum,
+            epsilon=self.epsilon,
+        )
+        for name, value in new.items():
+            variable = getattr(self, name)
+            variable.assign(ops.where(gate, ops.cast(value, variable.dtype), variable.value))
 
     def _apply_pending(self) -> None:
         """Apply the recorded update, if any (called by ``keras_bn.apply_updates``)."""

@@ -31,26 +31,6 @@ import keras
 
 BATCH_NORM_CHOICES = ("ours", "keras", None)
 
-#: Layer names in model order; torch_ref's weight transfer finds layers by these names.
-LAYER_NAMES = (
-    "conv1",
-    "bn1",
-    "relu1",
-    "pool1",
-    "conv2",
-    "bn2",
-    "relu2",
-    "pool2",
-    "flatten",
-    "fc1",
-    "bn3",
-    "relu3",
-    "fc2",
-    "bn4",
-    "relu4",
-    "fc3",
-)
-
 # Smallest spatial size that survives conv5 -> pool2 -> conv5 -> pool2 with at least 1x1 left:
 # ((h - 4) // 2 - 4) // 2 >= 1  <=>  h >= 16.
 _MIN_SPATIAL = 16

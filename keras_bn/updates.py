@@ -109,17 +109,36 @@ def _in_xla_context() -> bool:
     return in_xla_context()
 
 
+def _children(layer: keras.Layer) -> Iterable[keras.Layer]:
+    """The layers ``layer`` holds: ``Model.layers`` for a model; for any other layer, its attributes
+    that are layers or lists, tuples or dicts of layers (what Keras tracks as sublayers)."""
+    if isinstance(layer, keras.Model):
+        yield from layer.layers
+        return
+    for value in vars(layer).values():
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else (value,)
+        yield from (item for item in items if isinstance(item, keras.Layer))
+
+
+def _walk(layer: keras.Layer, seen: set[int]) -> Iterable[keras.Layer]:
+    """``layer`` and every layer under it, each once, depth first in attribute order."""
+    if id(layer) in seen:
+        return
+    seen.add(id(layer))
+    yield layer
+    for child in _children(layer):
+        yield from _walk(child, seen)
+
+
 def deferred_layers(model) -> list:
     """Every built ``BatchNorm(stats_update="deferred")`` inside ``model`` (a layer, model or list)."""
     roots = [model] if isinstance(model, keras.Layer) else list(model)
-    found, seen = [], set()
+    seen: set[int] = set()
+    found = []
     for root in roots:
         if not isinstance(root, keras.Layer):
             raise TypeError(f"apply_updates expects Keras layers or models, got {type(root).__name__}")
-        for layer in root._flatten_layers(include_self=True, recursive=True):
-            if getattr(layer, "_pending", None) is not None and id(layer) not in seen:
-                seen.add(id(layer))
-                found.append(layer)
+        found.extend(layer for layer in _walk(root, seen) if getattr(layer, "_pending", None) is not None)
     return found
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import spec
 
 
-def conventions_table() -> str:
+def conventions_markdown() -> str:
+    """The §5 conventions as a Markdown table, for the terminal (spec/vectors.py writes them as JSON)."""
     rows = [
         "| convention | momentum weights | default momentum | default eps | running variance |",
         "|---|---|---|---|---|",
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.write_vectors is None and args.check_vectors is None:
-        print(conventions_table())
+        print(conventions_markdown())
         print()
         print(worked_example())
         return 0
