@@ -1,1 +1,1 @@
-"""ONNX export, agreement across runtimes, data loaders and the command-line main job."""
+"""ONNX export (:mod:`export.onnx`), agreement across runtimes, and the `keras-bn` command line."""

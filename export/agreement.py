@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from export import runtimes
-from export.onnx_export import FORMS, export_all
+from export.onnx.exporters import FORMS, export_all
 
 __all__ = [
     "LITERT_FILE",
@@ -49,7 +49,7 @@ RUNTIMES: dict[str, str] = {
     "keras:jax": "the same model saved as .keras, loaded and predicted under the JAX backend (subprocess)",
     "torch": "PyTorch eager, eval()",
     "ort:keras": "ONNX Runtime, Keras export with BatchNormalization nodes",
-    "ort:keras-folded": "ONNX Runtime, Keras export folded by export.fold",
+    "ort:keras-folded": "ONNX Runtime, Keras export folded by export.onnx.fold",
     "ort:torch": "ONNX Runtime, PyTorch export with BatchNormalization nodes",
     "ort:torch-folded": "ONNX Runtime, PyTorch export folded by the exporter",
     **{f"openvino:{form}": f"OpenVINO CPU plugin (float32) on the {form} ONNX file" for form in FORMS},
@@ -194,7 +194,7 @@ class AgreementResult:
 def _as_images(images) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype == np.uint8 and images.ndim == 3:
-        from export.data import to_nhwc_float
+        from mnist_data import to_nhwc_float
 
         images = to_nhwc_float(images)
     elif not (images.dtype == np.float32 and images.ndim == 4):
@@ -264,7 +264,7 @@ def compare_runtimes(
 
     ``keras_model`` and ``torch_model`` must hold the same weights (``torch_ref.keras_to_torch``).
     ``images``: uint8 (N, 28, 28) as loaded, or float32 NHWC, N >= 1. The ONNX files are
-    ``onnx_files`` (form -> path, as :func:`export.onnx_export.export_all` returns; each must be a
+    ``onnx_files`` (form -> path, as :func:`export.onnx.exporters.export_all` returns; each must be a
     readable ONNX model, else ValueError naming it) or are exported into ``out_dir`` (a temporary
     directory if None; then the paths in the result are gone afterwards); the LiteRT file goes to
     ``out_dir`` too. ``reference_limit`` runs ``onnx.reference`` (~5 ms per image) on the first that

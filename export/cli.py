@@ -38,8 +38,8 @@ from typing import Any
 
 from export import outdir, recipes
 from export import report as rpt
-from export.data import DATASET_NAMES, Dataset, load_dataset, to_nhwc_float
 from export.machine import machine_info
+from mnist_data import DATASET_NAMES, Dataset, load_dataset, to_nhwc_float
 
 __all__ = ["EXIT_CODES", "OPTIONAL_MODULES", "build_parser", "main", "run_main_job"]
 

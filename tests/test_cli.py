@@ -18,7 +18,7 @@ import pytest
 
 from export import cli, outdir
 from export import report as rpt
-from export.data import IDX_FILES, load_dataset, to_nhwc_float
+from mnist_data import IDX_FILES, load_dataset, to_nhwc_float
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and fast, yet enough steps (4 per model) for both nets to move off the initial weights.

@@ -18,7 +18,7 @@ from export.agreement import (
     compare_pair,
     compare_runtimes,
 )
-from export.data import load_dataset
+from mnist_data import load_dataset
 
 REQUIRED_KEYS = {"a", "b", "max_abs", "max_rel", "argmax_agreement", "max_abs_logit"}
 

@@ -30,7 +30,7 @@ from _convert_models import floatx
 
 import keras_bn
 import torch_ref
-from export.data import load_dataset, to_nhwc_float
+from mnist_data import load_dataset, to_nhwc_float
 from torch_ref.conformance import StepDivergence, train_lockstep
 
 STEPS = 50

@@ -10,7 +10,7 @@ from torch import nn
 
 import keras_bn
 import torch_ref
-from export.data import load_dataset, to_nchw_float, to_nhwc_float
+from mnist_data import load_dataset, to_nchw_float, to_nhwc_float
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Export LeNet-BN from Keras and from PyTorch to ONNX, with BN kept as nodes or folded.
 
 Four files per trained model pair (see :data:`FORMS`), all with input ``"images"`` and output
-``"logits"``, a dynamic ``batch`` axis, opset :data:`~export.onnx_graph.OPSET`, the smallest IR
+``"logits"``, a dynamic ``batch`` axis, opset :data:`~export.onnx.graph.OPSET`, the smallest IR
 version that carries it, ``onnx.checker`` + strict shape inference passed, and ``metadata_props``
 naming the model, BN convention, framework, exporter, input layout and BN form:
 
@@ -9,9 +9,9 @@ naming the model, BN convention, framework, exporter, input layout and BN form:
 form               layout   how
 =================  =======  ============================================================================
 keras              NHWC     ``keras.Model.export(format="onnx")`` (tf2onnx). tf2onnx writes each BN as
-                            per-channel Mul/Add constants; :func:`~export.onnx_graph.restore_batchnorm`
+                            per-channel Mul/Add constants; :func:`~export.onnx.graph.restore_batchnorm`
                             checks them against the layer and puts a ``BatchNormalization`` node back.
-keras-folded       NHWC     the ``keras`` graph through our :func:`~export.fold.fold_batchnorm` (tf2onnx
+keras-folded       NHWC     the ``keras`` graph through our :func:`~export.onnx.fold.fold_batchnorm` (tf2onnx
                             does not fold a BN that follows a biased Conv/Dense).
 torch              NCHW     ``torch.onnx.export(dynamo=True, optimize=False)``: ATen's batch norm becomes
                             ``BatchNormalization``.
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export.fold import fold_batchnorm
-from export.onnx_graph import (
+from export.onnx.fold import fold_batchnorm
+from export.onnx.graph import (
     OPSET,
     BatchNormParams,
     batchnorm_nodes,
@@ -62,7 +62,7 @@ FORMS: dict[str, str] = {
     "torch": "lenet_bn_torch.onnx",
     "torch-folded": "lenet_bn_torch_folded.onnx",
 }
-_PRODUCER = "keras-bn export.onnx_export"
+_PRODUCER = "keras-bn export.onnx.exporters"
 
 
 def _is_batch_norm_layer(layer) -> bool:
@@ -155,7 +155,7 @@ def _finish(model: onnx.ModelProto, props: dict[str, str], form: str, folded_by:
     return path
 
 
-_OUR_FOLD = "export.fold (float64)"
+_OUR_FOLD = "export.onnx.fold (float64)"
 _TORCH_FOLD = "onnxscript optimizer via torch.onnx.export(optimize=True) (float32)"
 
 
