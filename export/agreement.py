@@ -247,6 +247,51 @@ def _check_onnx_files(onnx_files: Mapping[str, str | os.PathLike[str]]) -> dict[
     return {form: str(path) for form, path in onnx_files.items()}
 
 
+def _all_logits(
+    keras_model, torch_model, x, x_reference, files, optional, *, litert_dir: Path, tmp: Path, batch_size: int,
+    threads: int | None,
+) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, object]]:  # fmt: skip
+    """(runtime -> logits, runtime -> versions, the LiteRT export) for every runtime that runs."""
+    ort_kwargs = {"batch_size": batch_size, "threads": threads}
+    litert: dict[str, object] = {}
+    logits = {
+        "keras": runtimes.run_keras(keras_model, x, batch_size=batch_size),
+        "torch": runtimes.run_torch(torch_model, x, batch_size=batch_size),
+        **{f"ort:{form}": runtimes.run_ort(files[form], x, **ort_kwargs) for form in FORMS},
+        "onnx.reference": runtimes.run_onnx_reference(files["torch"], x_reference),
+        "spec": runtimes.run_spec(keras_model, x),
+    }
+    versions = {
+        "keras": _version("keras", "tensorflow"),
+        "torch": _version("torch"),
+        **{f"ort:{form}": _version("onnxruntime") for form in FORMS},
+        "onnx.reference": _version("onnx"),
+        "spec": _version("numpy"),
+    }
+    for form in FORMS:
+        if f"openvino:{form}" in optional:
+            logits[f"openvino:{form}"] = runtimes.run_openvino(files[form], x, **ort_kwargs)
+            versions[f"openvino:{form}"] = _version("openvino")
+    if "litert" in optional:
+        path = litert_dir / LITERT_FILE
+        runtimes.export_litert(keras_model, path)
+        logits["litert"] = runtimes.run_litert(path, x, **ort_kwargs)
+        versions["litert"] = _version("ai-edge-litert", "tensorflow")
+        litert = {
+            "file": str(path),
+            "bn_form": runtimes.litert_batchnorm_form(path),
+            "ops": runtimes.litert_op_names(path),
+        }
+    if "keras:jax" in optional:
+        model_path = tmp / "model.keras"
+        keras_model.save(model_path)
+        logits["keras:jax"], jax_versions = runtimes.run_keras_backend(
+            model_path, x, backend="jax", batch_size=batch_size
+        )
+        versions["keras:jax"] = ", ".join(f"{k} {v}" for k, v in jax_versions.items())
+    return logits, versions, litert
+
+
 def compare_runtimes(
     keras_model,
     torch_model,
@@ -278,51 +323,16 @@ def compare_runtimes(
         raise ValueError(f"reference_limit must be >= 1 or None, got {reference_limit}")
     optional, skipped = _optional_runtimes(skip)
     files = _check_onnx_files(onnx_files) if onnx_files is not None else None
-    versions: dict[str, str] = {}
-    litert: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if files is None:
             exported = export_all(keras_model, torch_model, out_dir if out_dir is not None else tmp)
             files = {form: str(path) for form, path in exported.items()}
-        ort_kwargs = {"batch_size": batch_size, "threads": threads}
         x_reference = x if reference_limit is None else x[:reference_limit]
-        logits = {
-            "keras": runtimes.run_keras(keras_model, x, batch_size=batch_size),
-            "torch": runtimes.run_torch(torch_model, x, batch_size=batch_size),
-            **{f"ort:{form}": runtimes.run_ort(files[form], x, **ort_kwargs) for form in FORMS},
-            "onnx.reference": runtimes.run_onnx_reference(files["torch"], x_reference),
-            "spec": runtimes.run_spec(keras_model, x),
-        }
-        versions.update(
-            {
-                "keras": _version("keras", "tensorflow"),
-                "torch": _version("torch"),
-                **{f"ort:{form}": _version("onnxruntime") for form in FORMS},
-                "onnx.reference": _version("onnx"),
-                "spec": _version("numpy"),
-            }
-        )
-        for form in FORMS:
-            if f"openvino:{form}" in optional:
-                logits[f"openvino:{form}"] = runtimes.run_openvino(files[form], x, **ort_kwargs)
-                versions[f"openvino:{form}"] = _version("openvino")
-        if "litert" in optional:
-            path = Path(out_dir if out_dir is not None else tmp) / LITERT_FILE
-            runtimes.export_litert(keras_model, path)
-            logits["litert"] = runtimes.run_litert(path, x, **ort_kwargs)
-            versions["litert"] = _version("ai-edge-litert", "tensorflow")
-            litert = {
-                "file": str(path),
-                "bn_form": runtimes.litert_batchnorm_form(path),
-                "ops": runtimes.litert_op_names(path),
-            }
-        if "keras:jax" in optional:
-            model_path = Path(tmp) / "model.keras"
-            keras_model.save(model_path)
-            logits["keras:jax"], jax_versions = runtimes.run_keras_backend(
-                model_path, x, backend="jax", batch_size=batch_size
-            )
-            versions["keras:jax"] = ", ".join(f"{k} {v}" for k, v in jax_versions.items())
+        logits, versions, litert = _all_logits(
+            keras_model, torch_model, x, x_reference, files, optional,
+            litert_dir=Path(out_dir if out_dir is not None else tmp), tmp=Path(tmp), batch_size=batch_size,
+            threads=threads,
+        )  # fmt: skip
     names = [name for name in RUNTIMES if name in logits]
     pairs = [compare_pair(a, logits[a], b, logits[b], rtol=rtol) for i, a in enumerate(names) for b in names[i + 1 :]]
     if out_dir is None:  # the LiteRT file was written to the temporary directory, gone now

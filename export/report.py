@@ -1,8 +1,9 @@
 """The main job's report: ``report.json`` (schema in docs/report.md), ``report.md`` and ``curves.png``.
 
-Everything here is formatting: the numbers are computed by ``export.cli`` (training) and ``export.agreement``
-(runtime comparison) and arrive as one plain dict, so the JSON a tool reads and the Markdown a person reads can never
-disagree.
+The numbers are computed by ``export.pipeline`` (training, transfer, export) and ``export.agreement`` (runtime
+comparison); :func:`main_job_report` turns that result into one plain dict, :func:`validate_report` checks it against
+the schema, and both renderings come from that dict, so the JSON a tool reads and the Markdown a person reads can
+never disagree.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import math
 import os
 import platform
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,14 @@ __all__ = [
     "STATUSES",
     "atomic_write_bytes",
     "collect_versions",
+    "disagreement_message",
+    "main_job_report",
     "render_markdown",
     "validate_report",
     "write_json",
     "write_markdown",
     "write_plot",
+    "write_set",
 ]
 
 # 2: status, failure, machine, wall_time_s, manifest; a diverged run has null accuracies and shorter histories.
@@ -113,6 +118,104 @@ def validate_report(report: Mapping[str, Any]) -> None:
         missing = [k for k in MANIFEST_KEYS if k not in entry]
         if missing:
             raise ValueError(f"report['manifest'][{i}] is missing {missing}")
+
+
+def main_job_report(config: Any, result: Any, *, files: Mapping[str, str]) -> dict[str, Any]:
+    """The plain dict that report.json and report.md of ``keras-bn run`` are rendered from (schema: docs/report.md).
+
+    ``config`` is an ``export.pipeline.MainJobConfig``, ``result`` its ``MainJobResult``; ``files`` every file of
+    the set by role. Keys filled in by :func:`write_set`: ``wall_time_s``, ``manifest``."""
+    from export.machine import machine_info
+
+    bn = result.trained["bn"].model
+    agreement, dataset = result.agreement, result.dataset
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "keras-bn run",
+        "status": result.status,
+        "failure": result.failure,
+        "command": list(config.command),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "dataset": {
+            "name": dataset.name,
+            "requested": config.dataset,
+            "source": dataset.source,
+            "embedded": dataset.embedded,
+            "canonical": dataset.canonical,
+            "file_md5": dict(dataset.file_md5),
+            "n_train": len(dataset.y_train),
+            "n_test": len(dataset.y_test),
+        },
+        "config": {
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "lr": config.lr,
+            "model": config.model,
+            "recipe": config.recipe.to_config(),
+            "optimizer": config.recipe.recipe.optimizer,
+            "sgd_momentum": config.recipe.recipe.sgd_momentum,
+            "seed": config.seed,
+            "limit": config.limit,
+            "bn_layer": config.bn_layer,
+            "convention": getattr(bn.get_layer("bn1"), "convention", "keras"),
+            "bn_momentum": float(bn.get_layer("bn1").momentum),
+            "epsilon": float(bn.get_layer("bn1").epsilon),
+        },
+        "accuracy": {
+            "bn": result.trained["bn"].test_accuracy,
+            "no_bn": result.trained["no_bn"].test_accuracy if "no_bn" in result.trained else None,
+            "per_epoch": result.per_epoch,
+            "diverged": {key: t.diverged for key, t in result.trained.items() if t.diverged is not None},
+        },
+        **agreement_keys(agreement),
+        "onnx_files": dict(result.onnx_files),
+        "files": dict(files),
+        "versions": collect_versions(),
+        "timings_s": result.timings,
+    }
+
+
+def agreement_keys(agreement: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The report's agreement keys from ``export.pipeline.agreement_summary`` (empty ones when nothing ran)."""
+    return {
+        "runtimes": agreement["runtimes"] if agreement else [],
+        "agreement_images": agreement["n_inputs"] if agreement else 0,
+        "tolerance": agreement["tolerance"] if agreement else {},
+        "agreement": agreement["pairs"] if agreement else [],
+        "agreement_passed": bool(agreement and agreement["passed"]),
+        "skipped_runtimes": agreement["summary"]["skipped"] if agreement else [],
+        "runtime_versions": agreement["summary"]["runtime_versions"] if agreement else {},
+        "litert": agreement["summary"]["litert"] if agreement else {},
+    }
+
+
+def disagreement_message(pairs: list[Mapping[str, Any]], inputs: str = "test image") -> str:
+    """One line naming how many pairs failed, the worst pair, its numbers and its worst input."""
+    bad = [p for p in pairs if not p["passed"]]
+    worst = max(bad, key=lambda p: (p["argmax_agreement"] < 1.0, p["max_rel"]))
+    return (
+        f"agreement FAILED for {len(bad)} of {len(pairs)} runtime pairs; worst: {worst['a']} vs {worst['b']}, "
+        f"max |Δ| {worst['max_abs']:.3e} > bound {worst['rtol']:.0e}·max(1, max|logit| "
+        f"{worst['max_abs_logit']:.3g}) = {worst['tolerance']:.3e} or argmax agreement "
+        f"{100 * worst['argmax_agreement']:.2f}% < 100%; worst input: {inputs} {worst['worst_index']} "
+        f"(full table in report.md)"
+    )
+
+
+def write_set(
+    report: dict[str, Any], stage: Path, *, started: float, render: Callable[[Mapping[str, Any]], str] | None = None
+) -> None:
+    """Write report.md and, last, report.json with the manifest of every other file in ``stage``.
+
+    ``started`` (``time.perf_counter()`` at the command's start) gives ``wall_time_s``; ``render`` is the Markdown
+    renderer (default :func:`render_markdown`, the main job's). report.json is validated before it is written."""
+    from export import outdir
+
+    report["wall_time_s"] = time.perf_counter() - started
+    atomic_write_bytes(stage / REPORT_MD, (render or render_markdown)(_json_safe(report)).encode())
+    report["manifest"] = outdir.manifest(stage, exclude=frozenset({REPORT_JSON, outdir.STAGING_MARKER}))
+    write_json(report, stage / REPORT_JSON)
 
 
 def _file_mode() -> int:

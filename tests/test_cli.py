@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import cli, outdir
+from export import cli, outdir, pipeline
 from export import report as rpt
 from mnist_data import IDX_FILES, load_dataset, to_nhwc_float
 
@@ -125,7 +125,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("training started although the input was bad")
 
-    monkeypatch.setattr(cli, "_train", forbidden)
+    monkeypatch.setattr(pipeline, "_train", forbidden)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_missing_optional_dependency_exits_2_naming_the_extra(
     """A Keras-only install (`pip install -e .`): simulated by a None entry in sys.modules, which makes both
     ``import module`` and ``importlib.util.find_spec(module)`` report it missing, as for an uninstalled package."""
     monkeypatch.setitem(sys.modules, module, None)
-    monkeypatch.setattr(cli, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the extras check"))
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the extras check"))
     out = tmp_path / "out"
     assert cli.main(["run", "--quiet", "--dataset", dataset, "--out", str(out)]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
@@ -282,7 +282,7 @@ def test_internal_error_exits_3_with_one_line_and_traceback_only_with_debug(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug in the loader\nsecond line of detail")
 
-    monkeypatch.setattr(cli, "load_dataset", broken)
+    monkeypatch.setattr(pipeline, "load_dataset", broken)
     argv = ["run", "--quiet", "--out", str(tmp_path / "out")]
     assert cli.main(argv) == cli.EXIT_FAILED
     err = capsys.readouterr().err
@@ -302,7 +302,7 @@ def test_interrupt_exits_130_without_traceback(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_dataset", interrupted)
+    monkeypatch.setattr(pipeline, "load_dataset", interrupted)
     assert cli.main(["run", "--quiet", "--out", str(tmp_path / "out")]) == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err == "keras-bn: interrupted; nothing of this run was published, --out is as it was\n"
     assert not (tmp_path / "out").exists()
@@ -507,7 +507,7 @@ def test_interrupt_after_files_are_staged_exits_130_and_keeps_the_old_set(
         staged.extend(sorted(p.name for p in out.glob(f"{outdir.STAGING_PREFIX}*/*.keras")))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_to_torch", interrupted)
+    monkeypatch.setattr(pipeline, "_to_torch", interrupted)
     argv = ["run", "--quiet", "--epochs", "1", "--limit", "16", "--batch-size", "16", "--out", str(out)]
     assert cli.main(argv) == cli.EXIT_INTERRUPTED
     assert staged == ["lenet.keras", "lenet_bn.keras"]  # the interrupt really came with new files staged
@@ -745,7 +745,7 @@ def test_disagreement_exits_1_naming_pair_and_worst_input(
     far past 1e-5 * max(1, |logit|) for logits of a 1-step model (a few units)."""
     import torch
 
-    transfer = cli._to_torch
+    transfer = pipeline._to_torch
 
     def perturbed(keras_model):
         model = transfer(keras_model)
@@ -753,7 +753,7 @@ def test_disagreement_exits_1_naming_pair_and_worst_input(
             model.fc3.bias[3] += 0.05
         return model
 
-    monkeypatch.setattr(cli, "_to_torch", perturbed)
+    monkeypatch.setattr(pipeline, "_to_torch", perturbed)
     out = tmp_path / "out"
     argv = ["run", "--epochs", "1", "--limit", "32", "--batch-size", "32", "--out", str(out), "--quiet"]
     assert cli.main(argv) == cli.EXIT_DISAGREE

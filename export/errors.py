@@ -1,0 +1,7 @@
+"""The one error class a user's mistake raises anywhere in ``export``: ``keras-bn`` prints it in one line, exit 2."""
+
+__all__ = ["UsageError"]
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as ``keras-bn: error: ...`` with exit status 2."""
