@@ -248,7 +248,7 @@ def _check_onnx_files(onnx_files: Mapping[str, str | os.PathLike[str]]) -> dict[
 
 
 def _all_logits(
-    keras_model, torch_model, x, x_reference, files, optional, *, litert_dir: Path, tmp: Path, batch_size: int,
+    keras_model, torch_model, x, x_reference, files, wanted, *, litert_dir: Path, tmp: Path, batch_size: int,
     threads: int | None,
 ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, object]]:  # fmt: skip
     """(runtime -> logits, runtime -> versions, the LiteRT export) for every runtime that runs."""
@@ -259,8 +259,9 @@ def _all_logits(
         "torch": runtimes.run_torch(torch_model, x, batch_size=batch_size),
         **{f"ort:{form}": runtimes.run_ort(files[form], x, **ort_kwargs) for form in FORMS},
         "onnx.reference": runtimes.run_onnx_reference(files["torch"], x_reference),
-        "spec": runtimes.run_spec(keras_model, x),
     }
+    if "spec" in wanted:
+        logits["spec"] = runtimes.run_spec(keras_model, x)
     versions = {
         "keras": _version("keras", "tensorflow"),
         "torch": _version("torch"),
@@ -269,10 +270,10 @@ def _all_logits(
         "spec": _version("numpy"),
     }
     for form in FORMS:
-        if f"openvino:{form}" in optional:
+        if f"openvino:{form}" in wanted:
             logits[f"openvino:{form}"] = runtimes.run_openvino(files[form], x, **ort_kwargs)
             versions[f"openvino:{form}"] = _version("openvino")
-    if "litert" in optional:
+    if "litert" in wanted:
         path = litert_dir / LITERT_FILE
         runtimes.export_litert(keras_model, path)
         logits["litert"] = runtimes.run_litert(path, x, **ort_kwargs)
@@ -282,7 +283,7 @@ def _all_logits(
             "bn_form": runtimes.litert_batchnorm_form(path),
             "ops": runtimes.litert_op_names(path),
         }
-    if "keras:jax" in optional:
+    if "keras:jax" in wanted:
         model_path = tmp / "model.keras"
         keras_model.save(model_path)
         logits["keras:jax"], jax_versions = runtimes.run_keras_backend(
@@ -304,6 +305,7 @@ def compare_runtimes(
     threads: int | None = None,
     batch_size: int = 1000,
     skip: Collection[str] = (),
+    without_spec: str | None = None,
 ) -> AgreementResult:
     """Run the same images through every runtime of :data:`RUNTIMES` and compare all pairs.
 
@@ -315,13 +317,17 @@ def compare_runtimes(
     ``out_dir`` too. ``reference_limit`` runs ``onnx.reference`` (~5 ms per image) on the first that
     many images only; its pairs then say so in ``n``. The :data:`OPTIONAL_RUNTIMES` whose module is
     missing, and those named in ``skip``, do not run and are listed in ``result.skipped`` with the
-    reason. Nothing is raised on disagreement: check ``result.passed`` or call ``result.raise_for_failure()``.
+    reason. ``without_spec``: a reason not to run ``spec`` (its NumPy forward knows LeNet-style chains only, see
+    ``export.runtimes.run_spec``); it is then listed in ``result.skipped`` with that reason. Nothing is raised on
+    disagreement: check ``result.passed`` or call ``result.raise_for_failure()``.
     """
     x = _as_images(images)
     temporary = onnx_files is None and out_dir is None
     if reference_limit is not None and reference_limit < 1:
         raise ValueError(f"reference_limit must be >= 1 or None, got {reference_limit}")
     optional, skipped = _optional_runtimes(skip)
+    if without_spec is not None:
+        skipped.append({"runtime": "spec", "reason": without_spec})
     files = _check_onnx_files(onnx_files) if onnx_files is not None else None
     with tempfile.TemporaryDirectory() as tmp:
         if files is None:
@@ -329,7 +335,7 @@ def compare_runtimes(
             files = {form: str(path) for form, path in exported.items()}
         x_reference = x if reference_limit is None else x[:reference_limit]
         logits, versions, litert = _all_logits(
-            keras_model, torch_model, x, x_reference, files, optional,
+            keras_model, torch_model, x, x_reference, files, {*optional, *([] if without_spec else ["spec"])},
             litert_dir=Path(out_dir if out_dir is not None else tmp), tmp=Path(tmp), batch_size=batch_size,
             threads=threads,
         )  # fmt: skip

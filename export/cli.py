@@ -1,4 +1,5 @@
-"""``keras-bn run``: the main job a new user runs first; ``keras-bn verify``: check a run's files.
+"""``keras-bn run``: the main job a new user runs first; ``keras-bn check MODEL.keras``: the same agreement check on
+a user's own model (``export.check``); ``keras-bn verify``: check a run's files.
 
 Train LeNet-BN and the same LeNet without BN with ``model.fit`` (same initial kernels, optimizer and batches), copy
 the BN model's weights into PyTorch, export both frameworks to ONNX (BN kept and folded), compare the logits of every
@@ -11,7 +12,8 @@ Exit status (also in ``--help`` and docs/report.md): a crash never looks like a 
   changed or extra).
 - 2: bad input, found before any training: arguments, data directory or files, an ``--out`` that is not a
   directory, not writable, holds the user's files (without ``--force``) or is in use by another run, and a missing
-  optional dependency (the message names the extra to install).
+  optional dependency (the message names the extra to install); ``check``: a missing or non-Keras MODEL, a layer the
+  converter does not support (named with its type), images of the wrong shape or dtype.
 - 3: the run failed: training diverged (non-finite loss; the report is written and says so) or an internal error
   (one line naming it; ``--debug`` prints the traceback).
 - 130: interrupted (Ctrl-C); nothing of the interrupted run is published.
@@ -36,7 +38,7 @@ from export import report as rpt
 from export.errors import UsageError
 from mnist_data import DATASET_NAMES
 
-__all__ = ["EXIT_CODES", "OPTIONAL_MODULES", "build_parser", "main", "run_main_job"]
+__all__ = ["EXIT_CODES", "OPTIONAL_MODULES", "build_parser", "check_main", "main", "run_main_job"]
 
 EXIT_OK, EXIT_DISAGREE, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = {
@@ -57,6 +59,8 @@ OPTIONAL_MODULES = {
     "matplotlib": "data",
     "sklearn": "data",  # scikit-learn: only for the embedded default dataset
 }
+#: What ``check`` imports beyond Keras (no training data, no plot).
+CHECK_MODULES = ["torch", "onnx", "onnxruntime", "tf2onnx", "onnxscript"]
 # Epochs, batch size and --limit beyond int32 overflow TensorFlow's shapes and counters (and exceed any real run).
 MAX_COUNT = 2**31 - 1
 MAX_SEED = 2**32 - 1  # NumPy's legacy seeding, which keras.utils.set_random_seed calls, takes [0, 2**32 - 1]
@@ -119,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run_command(sub, common)
     _add_verify_command(sub, common)
+    _add_check_command(sub, common)
     return parser
 
 
@@ -208,6 +213,50 @@ def _add_run_command(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     run.add_argument("--quiet", action="store_true", help="no Keras progress bar and no step messages")
 
 
+def _add_check_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    check = sub.add_parser(
+        "check",
+        parents=[common],
+        help="convert your own .keras model to PyTorch and ONNX, check that every runtime agrees, write a report",
+        description=(
+            "Load MODEL (a .keras file with one channels-last image input and one output), convert it to PyTorch "
+            "(torch_ref.from_keras: each BN layer keeps its epsilon, momentum and convention) and to ONNX (BN kept "
+            "and folded), compare the logits of every runtime on the images, and write report.md, report.json and "
+            "the ONNX files to --out/latest. A runtime pair agrees when max|Δ| <= 1e-5·max(1, max|logit|) and "
+            "argmax agrees on every image."
+        ),
+        epilog=(
+            "Without --images: 32 deterministic float32 images, uniform in [0, 1) (numpy default_rng(0)), shaped "
+            "like the model's input; the report says so. Bad input exits 2 naming it: a missing file, a file that "
+            "is not a Keras model, a layer the converter does not support (named with its type), images of the "
+            "wrong shape or dtype. " + OUTPUT_HELP + " " + _EXIT_EPILOG
+        ),
+    )
+    check.add_argument("model", type=Path, metavar="MODEL", help="a Keras model saved with model.save('x.keras')")
+    check.add_argument(
+        "--images",
+        type=Path,
+        metavar="FILE.npz",
+        help="float32 images (N, H, W, C) under the key 'images' (np.savez(FILE, images=x)); default: 32 "
+        "deterministic uniform [0, 1) images",
+    )
+    check.add_argument(
+        "--out",
+        type=Path,
+        default=Path("keras-bn-check-out"),
+        help="output directory; the files appear in OUT/latest (default: ./keras-bn-check-out)",
+    )
+    check.add_argument("--force", action="store_true", help="use an --out that holds other files (never touched)")
+    check.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="RUNTIME",
+        help="an optional runtime not to run (keras:jax, litert, openvino:FORM); repeatable",
+    )
+    check.add_argument("--quiet", action="store_true", help="no step messages")
+
+
 def _add_verify_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     verify = sub.add_parser(
         "verify",
@@ -234,11 +283,10 @@ class Log:
 # ---------------------------------------------------------------------------------------------- checks before work
 
 
-def _missing_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(module, extra) for every optional module this run would import and cannot find."""
-    needed = [m for m in OPTIONAL_MODULES if m != "sklearn" or args.dataset == "digits"]
+def _missing_extras(modules: list[str]) -> list[tuple[str, str]]:
+    """(module, extra) for every module of ``modules`` (keys of OPTIONAL_MODULES) that cannot be found."""
     missing = []
-    for module in needed:
+    for module in modules:
         try:
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):  # a broken install: as good as missing
@@ -246,6 +294,16 @@ def _missing_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
         if not found:
             missing.append((module, OPTIONAL_MODULES[module]))
     return missing
+
+
+def _require_extras(command: str, modules: list[str]) -> None:
+    missing = _missing_extras(modules)
+    if missing:
+        extras = ",".join(sorted({extra for _, extra in missing}))
+        raise UsageError(
+            f"keras-bn {command} needs {', '.join(m for m, _ in missing)}, not installed; "
+            f"install the extras: pip install 'keras-bn[{extras}]' (or 'keras-bn[all]')"
+        )
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -259,13 +317,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         )
     if args.data_dir is not None and not args.download and not args.data_dir.is_dir():
         raise UsageError(f"--data-dir {args.data_dir} does not exist or is not a directory")
-    missing = _missing_extras(args)
-    if missing:
-        extras = ",".join(sorted({extra for _, extra in missing}))
-        raise UsageError(
-            f"keras-bn run needs {', '.join(m for m, _ in missing)}, not installed; "
-            f"install the extras: pip install 'keras-bn[{extras}]' (or 'keras-bn[all]')"
-        )
+    _require_extras("run", [m for m in OPTIONAL_MODULES if m != "sklearn" or args.dataset == "digits"])
     try:
         outdir.check_out_dir(args.out, force=args.force)
     except outdir.OutputDirError as exc:
@@ -347,7 +399,26 @@ def verify_main(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"run": run_main_job, "verify": verify_main}
+def check_main(args: argparse.Namespace) -> int:
+    """The ``check`` command: 0 when every runtime pair agrees on the user's model, 1 naming the worst pair."""
+    _require_extras("check", CHECK_MODULES)
+    from export import check
+
+    log = Log(args.quiet)
+    result = check.check_model(
+        args.model, images=args.images, out=args.out, force=args.force, skip=args.skip, log=log,
+        command=["keras-bn", *args.argv],
+    )  # fmt: skip
+    report_md = result.out / rpt.REPORT_MD
+    if not result.passed:
+        message = rpt.disagreement_message(result.report["agreement"], inputs="image")
+        print(f"keras-bn: {message}; report: {report_md}", file=sys.stderr)
+        return EXIT_DISAGREE
+    log(f"agreement: all {len(result.report['agreement'])} runtime pairs within tolerance, argmax 100%; {report_md}")
+    return EXIT_OK
+
+
+_COMMANDS = {"run": run_main_job, "verify": verify_main, "check": check_main}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -3,5 +3,6 @@
 __all__ = ["UsageError"]
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as ``keras-bn: error: ...`` with exit status 2."""
+class UsageError(ValueError):
+    """Bad input from the user: printed as ``keras-bn: error: ...`` with exit status 2 (a ValueError for callers of
+    the Python API, e.g. ``export.check_model``)."""

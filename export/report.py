@@ -26,9 +26,11 @@ __all__ = [
     "SCHEMA_VERSION",
     "STATUSES",
     "atomic_write_bytes",
+    "check_report",
     "collect_versions",
     "disagreement_message",
     "main_job_report",
+    "render_check_markdown",
     "render_markdown",
     "validate_report",
     "write_json",
@@ -60,14 +62,11 @@ _PACKAGES = (
 )
 
 # Keys every report.json has; docs/report.md describes each, tests/test_cli.py checks them.
-REQUIRED_KEYS = {
+COMMON_KEYS = {
     "schema_version": int,
     "tool": str,
     "status": str,
     "machine": dict,
-    "dataset": dict,
-    "config": dict,
-    "accuracy": dict,
     "runtimes": list,
     "agreement": list,
     "agreement_passed": bool,
@@ -78,8 +77,14 @@ REQUIRED_KEYS = {
     "wall_time_s": float,
     "manifest": list,
 }
-#: ``status``: passed (every pair agrees), disagreed (a pair does not), diverged (training stopped at a non-finite
-#: loss; no export or agreement ran).
+#: tool -> the keys only its reports have (``keras-bn run``: a training run; ``keras-bn check``: a user's model)
+TOOL_KEYS = {
+    "keras-bn run": {"dataset": dict, "config": dict, "accuracy": dict},
+    "keras-bn check": {"model": dict, "images": dict},
+}
+REQUIRED_KEYS = {**COMMON_KEYS, **TOOL_KEYS["keras-bn run"]}
+#: ``status``: passed (every pair agrees), disagreed (a pair does not), diverged (``run`` only: training stopped at a
+#: non-finite loss; no export or agreement ran).
 STATUSES = ("passed", "disagreed", "diverged")
 MANIFEST_KEYS = ("path", "size", "sha256")
 PAIR_KEYS = ("a", "b", "max_abs", "max_rel", "argmax_agreement", "max_abs_logit")
@@ -97,13 +102,17 @@ def collect_versions() -> dict[str, str | None]:
 
 
 def validate_report(report: Mapping[str, Any]) -> None:
-    """Raise ValueError if ``report`` lacks a documented key or has one of the wrong type (schema_version 2)."""
-    for key, kind in REQUIRED_KEYS.items():
+    """Raise ValueError if ``report`` lacks a documented key of its tool or has one of the wrong type
+    (schema_version 2)."""
+    tool = report.get("tool")
+    if tool not in TOOL_KEYS:
+        raise ValueError(f"report['tool'] is {tool!r}, expected one of {', '.join(TOOL_KEYS)}")
+    for key, kind in {**COMMON_KEYS, **TOOL_KEYS[tool]}.items():
         if key not in report:
             raise ValueError(f"report is missing key {key!r}")
         if not isinstance(report[key], kind):
             raise ValueError(f"report[{key!r}] is {type(report[key]).__name__}, expected {kind.__name__}")
-    for key in ("bn", "no_bn", "per_epoch"):
+    for key in ("bn", "no_bn", "per_epoch") if tool == "keras-bn run" else ():
         if key not in report["accuracy"]:
             raise ValueError(f"report['accuracy'] is missing {key!r}")
     if report["status"] not in STATUSES:
@@ -187,6 +196,37 @@ def agreement_keys(agreement: Mapping[str, Any] | None) -> dict[str, Any]:
         "skipped_runtimes": agreement["summary"]["skipped"] if agreement else [],
         "runtime_versions": agreement["summary"]["runtime_versions"] if agreement else {},
         "litert": agreement["summary"]["litert"] if agreement else {},
+    }
+
+
+def check_report(
+    *,
+    command: list[str],
+    model: dict[str, Any],
+    images: dict[str, Any],
+    agreement: Mapping[str, Any],
+    onnx_files: Mapping[str, str],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The report dict of ``keras-bn check`` (schema: docs/report.md); ``agreement`` from
+    ``export.pipeline.agreement_summary``. Keys filled in by :func:`write_set`: ``wall_time_s``, ``manifest``."""
+    from export.machine import machine_info
+
+    files = {"report_md": REPORT_MD, "report_json": REPORT_JSON}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "keras-bn check",
+        "status": "passed" if agreement["passed"] else "disagreed",
+        "command": list(command),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "model": model,
+        "images": images,
+        **agreement_keys(agreement),
+        "onnx_files": dict(onnx_files),
+        "files": files,
+        "versions": collect_versions(),
+        "timings_s": timings,
     }
 
 
@@ -289,14 +329,14 @@ def _result_line(report: Mapping[str, Any]) -> str:
     return f"Result: **{'PASS' if status == 'passed' else 'FAIL'}**."
 
 
-def _worst_pair_line(pairs: list[Mapping[str, Any]]) -> list[str]:
+def _worst_pair_line(pairs: list[Mapping[str, Any]], input_name: str = "test image") -> list[str]:
     """One sentence naming the pair closest to (or furthest past) its bound, relative to the logit scale."""
     if not pairs:
         return []
     worst = max(pairs, key=lambda p: p["max_abs"] / max(1.0, p["max_abs_logit"]))
     return [
         f"Largest difference: {worst['a']} vs {worst['b']}, max |Δ| {_sci(worst['max_abs'])} on logits up to "
-        f"{worst['max_abs_logit']:.3g} (test image {worst.get('worst_index', 'n/a')}).",
+        f"{worst['max_abs_logit']:.3g} ({input_name} {worst.get('worst_index', 'n/a')}).",
         "",
     ]
 
@@ -320,20 +360,20 @@ def _skipped_runtimes_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _agreement_lines(report: Mapping[str, Any]) -> list[str]:
-    lines = ["", "## Agreement across runtimes (LeNet-BN, logits)", ""]
+def _agreement_lines(report: Mapping[str, Any], subject: str = "LeNet-BN", inputs: str = "test images") -> list[str]:
+    lines = ["", f"## Agreement across runtimes ({subject}, logits)", ""]
     if report["status"] == "diverged":
         return lines + ["Not run: training diverged, so there was no trained model to export and compare."]
     tol = report.get("tolerance", {})
     lines += [
-        f"{report['agreement_images']} test images, float32. Pass: max |Δ| <= "
+        f"{report['agreement_images']} {inputs}, float32. Pass: max |Δ| <= "
         f"{tol.get('rel_to_max_logit', 'n/a')} · max(1, max |logit|) and argmax agreement "
         f"{_pct(tol.get('argmax_agreement'))} for every pair. {_result_line(report)}",
         "",
         "Runtimes: " + ", ".join(f"`{r}`" for r in report["runtimes"]) + ".",
         "",
         *_skipped_runtimes_lines(report),
-        *_worst_pair_line(report["agreement"]),
+        *_worst_pair_line(report["agreement"], "test image" if inputs == "test images" else "image"),
         "| a | b | max abs Δ | max rel Δ | max abs logit | argmax agreement | worst input | pass |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -413,6 +453,39 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if report["onnx_files"]:
         lines += ["", "## ONNX files", "", "| model | file |", "|---|---|"]
         lines += [f"| {name} | `{path}` |" for name, path in report["onnx_files"].items()]
+    lines += ["", "## Versions", "", "| package | version |", "|---|---|"]
+    lines += [f"| {k} | {v if v is not None else 'not installed'} |" for k, v in report["versions"].items()]
+    lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def render_check_markdown(report: Mapping[str, Any]) -> str:
+    """The human-readable report of ``keras-bn check``: model, BN layers, images, agreement, files, versions."""
+    from export.machine import describe_machine
+
+    model, images = report["model"], report["images"]
+    lines = [
+        "# keras-bn check report",
+        "",
+        _result_line(report),
+        "",
+        f"Model: `{model['name']}`" + (f" from `{model['path']}`" if model.get("path") else "")
+        + f", input {tuple(model['input_shape'])}, {model['layers']} layers, {len(model['bn_layers'])} BN layers. "
+        f"Converted to PyTorch by `torch_ref.from_keras`; ONNX with BN kept and folded.",
+        "",
+        f"Images: {images['n']}, {images['source']}.",
+        "",
+        f"Machine: {describe_machine(report['machine'])}. Wall time: {report['wall_time_s']:.1f} s.",
+        "",
+        "| BN layer | type | convention | momentum | epsilon |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for bn in model["bn_layers"]:
+        lines.append(f"| {bn['name']} | {bn['type']} | {bn['convention']} | {bn['momentum']} | {bn['epsilon']} |")
+    lines += _agreement_lines(report, subject=model["name"], inputs="images")
+    lines += ["", "## ONNX files", "", "| model | file |", "|---|---|"]
+    lines += [f"| {name} | `{path}` |" for name, path in report["onnx_files"].items()]
     lines += ["", "## Versions", "", "| package | version |", "|---|---|"]
     lines += [f"| {k} | {v if v is not None else 'not installed'} |" for k, v in report["versions"].items()]
     lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]

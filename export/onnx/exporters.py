@@ -265,16 +265,20 @@ def export_all(
     *,
     opset: int = OPSET,
     input_shape: Sequence[int] = (1, 28, 28),
+    stem: str = "lenet_bn",
 ) -> dict[str, Path]:
-    """Write the four :data:`FORMS` into ``out_dir`` (one tf2onnx and one torch export); returns form -> path."""
+    """Write the four :data:`FORMS` into ``out_dir`` (one tf2onnx and one torch export); returns form -> path.
+
+    ``input_shape`` is the PyTorch model's per-image (C, H, W); ``stem`` replaces ``lenet_bn`` in the file names."""
     out_dir = Path(out_dir)
+    names = {form: stem + name.removeprefix("lenet_bn") for form, name in FORMS.items()}
     keras_graph, keras_props = _keras_graphs(keras_model, opset)
     torch_unfolded, torch_folded, torch_props = _torch_graphs(torch_model, opset, input_shape)
     return {
-        "keras": _finish(keras_graph, keras_props, "batchnorm", "", out_dir / FORMS["keras"]),
+        "keras": _finish(keras_graph, keras_props, "batchnorm", "", out_dir / names["keras"]),
         "keras-folded": _finish(
-            fold_batchnorm(keras_graph), keras_props, "folded", _OUR_FOLD, out_dir / FORMS["keras-folded"]
+            fold_batchnorm(keras_graph), keras_props, "folded", _OUR_FOLD, out_dir / names["keras-folded"]
         ),
-        "torch": _finish(torch_unfolded, torch_props, "batchnorm", "", out_dir / FORMS["torch"]),
-        "torch-folded": _finish(torch_folded, torch_props, "folded", _TORCH_FOLD, out_dir / FORMS["torch-folded"]),
+        "torch": _finish(torch_unfolded, torch_props, "batchnorm", "", out_dir / names["torch"]),
+        "torch-folded": _finish(torch_folded, torch_props, "folded", _TORCH_FOLD, out_dir / names["torch-folded"]),
     }
