@@ -5,32 +5,7 @@ Used by ``keras-bn run``, the benchmarks and the tests alike, so it is a package
 ``export``. Nothing is downloaded unless asked (``download=True``).
 """
 
-from mnist_data.loaders import (
-    DATASET_NAMES,
-    DATASETS,
-    IDX_FILES,
-    DataError,
-    Dataset,
-    default_cache_dir,
-    download_dataset,
-    load_dataset,
-    load_digits_28,
-    read_idx,
-    to_nchw_float,
-    to_nhwc_float,
-)
+from mnist_data import loaders
+from mnist_data.loaders import *  # noqa: F403  (the public names, listed once: loaders.__all__)
 
-__all__ = [
-    "DATASET_NAMES",
-    "DATASETS",
-    "IDX_FILES",
-    "DataError",
-    "Dataset",
-    "default_cache_dir",
-    "download_dataset",
-    "load_dataset",
-    "load_digits_28",
-    "read_idx",
-    "to_nchw_float",
-    "to_nhwc_float",
-]
+__all__ = loaders.__all__
