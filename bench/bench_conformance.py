@@ -149,7 +149,7 @@ def _inference(keras_model, x_test) -> dict:
     import torch
 
     import torch_ref
-    from export.data import to_nchw_float, to_nhwc_float
+    from mnist_data import to_nchw_float, to_nhwc_float
 
     keras_logits = keras_model.predict(to_nhwc_float(x_test), batch_size=1000, verbose=0)
     scale = max(1.0, float(np.abs(keras_logits).max()))
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
     import torch
 
-    from export.data import load_dataset, to_nhwc_float
+    from mnist_data import load_dataset, to_nhwc_float
 
     data = load_dataset("mnist", data_dir=args.data_dir)
     n = args.steps * args.batch

@@ -2,7 +2,7 @@
 
 One trained-ish LeNet-BN (our Keras BatchNorm, one short epoch on MNIST so the statistics are real),
 its PyTorch twin (``torch_ref.keras_to_torch``) and its four ONNX exports
-(``export.onnx_export.export_all``), timed in one process:
+(``export.onnx.exporters.export_all``), timed in one process:
 
 - ``keras.predict``: ``model.predict(x, batch_size=len(x))``, the user-facing Keras path (it builds
   a data adapter and callbacks per call: tens of ms at batch 1), and ``predict_on_batch`` without them;
@@ -109,7 +109,7 @@ def make_runners(model, torch_model, files: dict[str, Path], threads: int) -> di
     import tensorflow as tf
     import torch
 
-    from export.onnx_export import _with_torch_batch_norm
+    from export.onnx.exporters import _with_torch_batch_norm
     from export.runtimes import onnx_layout, ort_session
     from torch_ref.batch_norm import _BatchNorm
 
@@ -231,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from export.agreement import compare_pair
-    from export.data import load_dataset, to_nhwc_float
     from export.machine import describe_machine, machine_info
-    from export.onnx_export import export_all
+    from export.onnx.exporters import export_all
+    from mnist_data import load_dataset, to_nhwc_float
 
     if (args.data_dir / "t10k-images-idx3-ubyte.gz").exists() or args.data_dir.is_dir():
         data = load_dataset("mnist", data_dir=args.data_dir)

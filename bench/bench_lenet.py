@@ -37,9 +37,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from export.data import load_dataset, to_nhwc_float  # noqa: E402
 from export.machine import describe_machine, machine_info  # noqa: E402
 from keras_bn import compile_lenet, lenet_bn  # noqa: E402
+from mnist_data import load_dataset, to_nhwc_float  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 LAYER_CHOICES = {"ours": "ours", "keras": "keras", "none": None}

@@ -33,9 +33,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from recipe_tables import bn1_lines, epoch_table, header_line  # noqa: E402  (bench/recipe_tables.py)
 
-from export.data import load_dataset, to_nhwc_float  # noqa: E402
 from export.machine import describe_machine, machine_info  # noqa: E402
 from export.recipes import RECIPES  # noqa: E402
+from mnist_data import load_dataset, to_nhwc_float  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = {"ours": "ours", "keras": "keras", "none": None}

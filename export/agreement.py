@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from export import runtimes
-from export.onnx_export import FORMS, export_all
+from export.onnx.exporters import FORMS, export_all
 
 __all__ = [
     "LITERT_FILE",
@@ -49,7 +49,7 @@ RUNTIMES: dict[str, str] = {
     "keras:jax": "the same model saved as .keras, loaded and predicted under the JAX backend (subprocess)",
     "torch": "PyTorch eager, eval()",
     "ort:keras": "ONNX Runtime, Keras export with BatchNormalization nodes",
-    "ort:keras-folded": "ONNX Runtime, Keras export folded by export.fold",
+    "ort:keras-folded": "ONNX Runtime, Keras export folded by export.onnx.fold",
     "ort:torch": "ONNX Runtime, PyTorch export with BatchNormalization nodes",
     "ort:torch-folded": "ONNX Runtime, PyTorch export folded by the exporter",
     **{f"openvino:{form}": f"OpenVINO CPU plugin (float32) on the {form} ONNX file" for form in FORMS},
@@ -194,7 +194,7 @@ class AgreementResult:
 def _as_images(images) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype == np.uint8 and images.ndim == 3:
-        from export.data import to_nhwc_float
+        from mnist_data import to_nhwc_float
 
         images = to_nhwc_float(images)
     elif not (images.dtype == np.float32 and images.ndim == 4):
@@ -247,6 +247,52 @@ def _check_onnx_files(onnx_files: Mapping[str, str | os.PathLike[str]]) -> dict[
     return {form: str(path) for form, path in onnx_files.items()}
 
 
+def _all_logits(
+    keras_model, torch_model, x, x_reference, files, wanted, *, litert_dir: Path, tmp: Path, batch_size: int,
+    threads: int | None,
+) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, object]]:  # fmt: skip
+    """(runtime -> logits, runtime -> versions, the LiteRT export) for every runtime that runs."""
+    ort_kwargs = {"batch_size": batch_size, "threads": threads}
+    litert: dict[str, object] = {}
+    logits = {
+        "keras": runtimes.run_keras(keras_model, x, batch_size=batch_size),
+        "torch": runtimes.run_torch(torch_model, x, batch_size=batch_size),
+        **{f"ort:{form}": runtimes.run_ort(files[form], x, **ort_kwargs) for form in FORMS},
+        "onnx.reference": runtimes.run_onnx_reference(files["torch"], x_reference),
+    }
+    if "spec" in wanted:
+        logits["spec"] = runtimes.run_spec(keras_model, x)
+    versions = {
+        "keras": _version("keras", "tensorflow"),
+        "torch": _version("torch"),
+        **{f"ort:{form}": _version("onnxruntime") for form in FORMS},
+        "onnx.reference": _version("onnx"),
+        "spec": _version("numpy"),
+    }
+    for form in FORMS:
+        if f"openvino:{form}" in wanted:
+            logits[f"openvino:{form}"] = runtimes.run_openvino(files[form], x, **ort_kwargs)
+            versions[f"openvino:{form}"] = _version("openvino")
+    if "litert" in wanted:
+        path = litert_dir / LITERT_FILE
+        runtimes.export_litert(keras_model, path)
+        logits["litert"] = runtimes.run_litert(path, x, **ort_kwargs)
+        versions["litert"] = _version("ai-edge-litert", "tensorflow")
+        litert = {
+            "file": str(path),
+            "bn_form": runtimes.litert_batchnorm_form(path),
+            "ops": runtimes.litert_op_names(path),
+        }
+    if "keras:jax" in wanted:
+        model_path = tmp / "model.keras"
+        keras_model.save(model_path)
+        logits["keras:jax"], jax_versions = runtimes.run_keras_backend(
+            model_path, x, backend="jax", batch_size=batch_size
+        )
+        versions["keras:jax"] = ", ".join(f"{k} {v}" for k, v in jax_versions.items())
+    return logits, versions, litert
+
+
 def compare_runtimes(
     keras_model,
     torch_model,
@@ -259,70 +305,40 @@ def compare_runtimes(
     threads: int | None = None,
     batch_size: int = 1000,
     skip: Collection[str] = (),
+    without_spec: str | None = None,
 ) -> AgreementResult:
     """Run the same images through every runtime of :data:`RUNTIMES` and compare all pairs.
 
     ``keras_model`` and ``torch_model`` must hold the same weights (``torch_ref.keras_to_torch``).
     ``images``: uint8 (N, 28, 28) as loaded, or float32 NHWC, N >= 1. The ONNX files are
-    ``onnx_files`` (form -> path, as :func:`export.onnx_export.export_all` returns; each must be a
+    ``onnx_files`` (form -> path, as :func:`export.onnx.exporters.export_all` returns; each must be a
     readable ONNX model, else ValueError naming it) or are exported into ``out_dir`` (a temporary
     directory if None; then the paths in the result are gone afterwards); the LiteRT file goes to
     ``out_dir`` too. ``reference_limit`` runs ``onnx.reference`` (~5 ms per image) on the first that
     many images only; its pairs then say so in ``n``. The :data:`OPTIONAL_RUNTIMES` whose module is
     missing, and those named in ``skip``, do not run and are listed in ``result.skipped`` with the
-    reason. Nothing is raised on disagreement: check ``result.passed`` or call ``result.raise_for_failure()``.
+    reason. ``without_spec``: a reason not to run ``spec`` (its NumPy forward knows LeNet-style chains only, see
+    ``export.runtimes.run_spec``); it is then listed in ``result.skipped`` with that reason. Nothing is raised on
+    disagreement: check ``result.passed`` or call ``result.raise_for_failure()``.
     """
     x = _as_images(images)
     temporary = onnx_files is None and out_dir is None
     if reference_limit is not None and reference_limit < 1:
         raise ValueError(f"reference_limit must be >= 1 or None, got {reference_limit}")
     optional, skipped = _optional_runtimes(skip)
+    if without_spec is not None:
+        skipped.append({"runtime": "spec", "reason": without_spec})
     files = _check_onnx_files(onnx_files) if onnx_files is not None else None
-    versions: dict[str, str] = {}
-    litert: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if files is None:
             exported = export_all(keras_model, torch_model, out_dir if out_dir is not None else tmp)
             files = {form: str(path) for form, path in exported.items()}
-        ort_kwargs = {"batch_size": batch_size, "threads": threads}
         x_reference = x if reference_limit is None else x[:reference_limit]
-        logits = {
-            "keras": runtimes.run_keras(keras_model, x, batch_size=batch_size),
-            "torch": runtimes.run_torch(torch_model, x, batch_size=batch_size),
-            **{f"ort:{form}": runtimes.run_ort(files[form], x, **ort_kwargs) for form in FORMS},
-            "onnx.reference": runtimes.run_onnx_reference(files["torch"], x_reference),
-            "spec": runtimes.run_spec(keras_model, x),
-        }
-        versions.update(
-            {
-                "keras": _version("keras", "tensorflow"),
-                "torch": _version("torch"),
-                **{f"ort:{form}": _version("onnxruntime") for form in FORMS},
-                "onnx.reference": _version("onnx"),
-                "spec": _version("numpy"),
-            }
-        )
-        for form in FORMS:
-            if f"openvino:{form}" in optional:
-                logits[f"openvino:{form}"] = runtimes.run_openvino(files[form], x, **ort_kwargs)
-                versions[f"openvino:{form}"] = _version("openvino")
-        if "litert" in optional:
-            path = Path(out_dir if out_dir is not None else tmp) / LITERT_FILE
-            runtimes.export_litert(keras_model, path)
-            logits["litert"] = runtimes.run_litert(path, x, **ort_kwargs)
-            versions["litert"] = _version("ai-edge-litert", "tensorflow")
-            litert = {
-                "file": str(path),
-                "bn_form": runtimes.litert_batchnorm_form(path),
-                "ops": runtimes.litert_op_names(path),
-            }
-        if "keras:jax" in optional:
-            model_path = Path(tmp) / "model.keras"
-            keras_model.save(model_path)
-            logits["keras:jax"], jax_versions = runtimes.run_keras_backend(
-                model_path, x, backend="jax", batch_size=batch_size
-            )
-            versions["keras:jax"] = ", ".join(f"{k} {v}" for k, v in jax_versions.items())
+        logits, versions, litert = _all_logits(
+            keras_model, torch_model, x, x_reference, files, {*optional, *([] if without_spec else ["spec"])},
+            litert_dir=Path(out_dir if out_dir is not None else tmp), tmp=Path(tmp), batch_size=batch_size,
+            threads=threads,
+        )  # fmt: skip
     names = [name for name in RUNTIMES if name in logits]
     pairs = [compare_pair(a, logits[a], b, logits[b], rtol=rtol) for i, a in enumerate(names) for b in names[i + 1 :]]
     if out_dir is None:  # the LiteRT file was written to the temporary directory, gone now

@@ -1,4 +1,5 @@
-"""``keras-bn run``: the main job a new user runs first; ``keras-bn verify``: check a run's files.
+"""``keras-bn run``: the main job a new user runs first; ``keras-bn check MODEL.keras``: the same agreement check on
+a user's own model (``export.check``); ``keras-bn verify``: check a run's files.
 
 Train LeNet-BN and the same LeNet without BN with ``model.fit`` (same initial kernels, optimizer and batches), copy
 the BN model's weights into PyTorch, export both frameworks to ONNX (BN kept and folded), compare the logits of every
@@ -11,37 +12,33 @@ Exit status (also in ``--help`` and docs/report.md): a crash never looks like a 
   changed or extra).
 - 2: bad input, found before any training: arguments, data directory or files, an ``--out`` that is not a
   directory, not writable, holds the user's files (without ``--force``) or is in use by another run, and a missing
-  optional dependency (the message names the extra to install).
+  optional dependency (the message names the extra to install); ``check``: a missing or non-Keras MODEL, a layer the
+  converter does not support (named with its type), images of the wrong shape or dtype.
 - 3: the run failed: training diverged (non-finite loss; the report is written and says so) or an internal error
   (one line naming it; ``--debug`` prints the traceback).
 - 130: interrupted (Ctrl-C); nothing of the interrupted run is published.
 
-Output directory (export.outdir): every file is staged and the whole set becomes ``--out/latest`` in one atomic
-rename, so ``--out`` holds the previous complete set or the new one, never a mixture; the user's files there are
-never touched.
+Output directory: the policy is docs/report.md's "Output directory" section, implemented by ``export.outdir``;
+this module only opens, publishes and closes it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import math
-import os
 import sys
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from export import outdir, recipes
+from export import outdir, pipeline, recipes
 from export import report as rpt
-from export.data import DATASET_NAMES, Dataset, load_dataset, to_nhwc_float
-from export.machine import machine_info
+from export.errors import UsageError
+from mnist_data import DATASET_NAMES
 
-__all__ = ["EXIT_CODES", "OPTIONAL_MODULES", "build_parser", "main", "run_main_job"]
+__all__ = ["EXIT_CODES", "OPTIONAL_MODULES", "build_parser", "check_main", "main", "run_main_job"]
 
 EXIT_OK, EXIT_DISAGREE, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = {
@@ -51,8 +48,7 @@ EXIT_CODES = {
     EXIT_FAILED: "the run failed (training diverged, or an internal error)",
     EXIT_INTERRUPTED: "interrupted",
 }
-ONNX_SUBDIR = "onnx"
-MODEL_FILES = {"bn": "lenet_bn.keras", "no_bn": "lenet.keras"}
+MODEL_FILES = pipeline.MODEL_FILES
 #: Modules of the optional extras that ``run`` imports (module -> extra); checked before any work.
 OPTIONAL_MODULES = {
     "torch": "torch",
@@ -63,13 +59,11 @@ OPTIONAL_MODULES = {
     "matplotlib": "data",
     "sklearn": "data",  # scikit-learn: only for the embedded default dataset
 }
+#: What ``check`` imports beyond Keras (no training data, no plot).
+CHECK_MODULES = ["torch", "onnx", "onnxruntime", "tf2onnx", "onnxscript"]
 # Epochs, batch size and --limit beyond int32 overflow TensorFlow's shapes and counters (and exceed any real run).
 MAX_COUNT = 2**31 - 1
 MAX_SEED = 2**32 - 1  # NumPy's legacy seeding, which keras.utils.set_random_seed calls, takes [0, 2**32 - 1]
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as ``keras-bn: error: ...`` with exit status 2."""
 
 
 def _positive_int(text: str) -> int:
@@ -106,6 +100,13 @@ def _seed(text: str) -> int:
     return value
 
 
+#: --help's one-paragraph summary of the output-directory policy (the policy itself: docs/report.md).
+OUTPUT_HELP = (
+    "Output: the files appear together as --out/latest (swapped in one atomic rename) or not at all; report.json "
+    "lists each file's size and sha256 (keras-bn verify DIR checks them); a second run on the same --out is refused "
+    "while one runs; an --out holding other files is refused unless --force, and those files are never touched "
+    "(the whole policy: docs/report.md, 'Output directory')."
+)
 _EXIT_EPILOG = "Exit status: " + "; ".join(f"{code}: {what}" for code, what in EXIT_CODES.items()) + "."
 
 
@@ -120,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="on an internal error, print the Python traceback (default: one line)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_run_command(sub, common)
+    _add_verify_command(sub, common)
+    _add_check_command(sub, common)
+    return parser
+
+
+def _add_run_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     run = sub.add_parser(
         "run",
         parents=[common],
@@ -136,11 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
             "(1,797 images) upscaled to 28x28, first 1,437 for training and last 360 for testing; it works offline. "
             "For MNIST: --dataset mnist --data-dir DIR with the four IDX files (raw or .gz) or Keras' mnist.npz, "
             "or --download to fetch them (md5-checked) into DIR or ~/.cache/keras-bn. "
-            "Output: the run's files are staged and appear together as --out/latest (a symlink to a hidden "
-            "versioned folder, swapped in one atomic rename), or not at all; report.json lists each file's size "
-            "and sha256 (keras-bn verify DIR checks them). A second run on the same --out is refused while one "
-            "runs. --out may be new, empty or a previous run's; one holding other files is refused unless --force, "
-            "and those files are never touched. " + _EXIT_EPILOG
+            + OUTPUT_HELP
+            + " "
+            + _EXIT_EPILOG
         ),
     )
     run.add_argument(
@@ -205,6 +211,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="use an --out that holds other files (keras-bn adds its own names beside them and never touches them)",
     )
     run.add_argument("--quiet", action="store_true", help="no Keras progress bar and no step messages")
+
+
+def _add_check_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    check = sub.add_parser(
+        "check",
+        parents=[common],
+        help="convert your own .keras model to PyTorch and ONNX, check that every runtime agrees, write a report",
+        description=(
+            "Load MODEL (a .keras file with one channels-last image input and one output), convert it to PyTorch "
+            "(torch_ref.from_keras: each BN layer keeps its epsilon, momentum and convention) and to ONNX (BN kept "
+            "and folded), compare the logits of every runtime on the images, and write report.md, report.json and "
+            "the ONNX files to --out/latest. A runtime pair agrees when max|Δ| <= 1e-5·max(1, max|logit|) and "
+            "argmax agrees on every image."
+        ),
+        epilog=(
+            "Without --images: 32 deterministic float32 images, uniform in [0, 1) (numpy default_rng(0)), shaped "
+            "like the model's input; the report says so. Bad input exits 2 naming it: a missing file, a file that "
+            "is not a Keras model, a layer the converter does not support (named with its type), images of the "
+            "wrong shape or dtype. " + OUTPUT_HELP + " " + _EXIT_EPILOG
+        ),
+    )
+    check.add_argument("model", type=Path, metavar="MODEL", help="a Keras model saved with model.save('x.keras')")
+    check.add_argument(
+        "--images",
+        type=Path,
+        metavar="FILE.npz",
+        help="float32 images (N, H, W, C) under the key 'images' (np.savez(FILE, images=x)); default: 32 "
+        "deterministic uniform [0, 1) images",
+    )
+    check.add_argument(
+        "--out",
+        type=Path,
+        default=Path("keras-bn-check-out"),
+        help="output directory; the files appear in OUT/latest (default: ./keras-bn-check-out)",
+    )
+    check.add_argument("--force", action="store_true", help="use an --out that holds other files (never touched)")
+    check.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="RUNTIME",
+        help="an optional runtime not to run (keras:jax, litert, openvino:FORM); repeatable",
+    )
+    check.add_argument("--quiet", action="store_true", help="no step messages")
+
+
+def _add_verify_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     verify = sub.add_parser(
         "verify",
         parents=[common],
@@ -214,17 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
         "directory.",
     )
     verify.add_argument("dir", type=Path, metavar="DIR", help="a run's --out (its latest set is checked) or a set")
-    return parser
+
+
+class Log:
+    """Step messages on stdout, ``[keras-bn] ...``; silent with ``--quiet``."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[keras-bn] {message}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- checks before work
 
 
-def _missing_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(module, extra) for every optional module this run would import and cannot find."""
-    needed = [m for m in OPTIONAL_MODULES if m != "sklearn" or args.dataset == "digits"]
+def _missing_extras(modules: list[str]) -> list[tuple[str, str]]:
+    """(module, extra) for every module of ``modules`` (keys of OPTIONAL_MODULES) that cannot be found."""
     missing = []
-    for module in needed:
+    for module in modules:
         try:
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):  # a broken install: as good as missing
@@ -232,6 +294,16 @@ def _missing_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
         if not found:
             missing.append((module, OPTIONAL_MODULES[module]))
     return missing
+
+
+def _require_extras(command: str, modules: list[str]) -> None:
+    missing = _missing_extras(modules)
+    if missing:
+        extras = ",".join(sorted({extra for _, extra in missing}))
+        raise UsageError(
+            f"keras-bn {command} needs {', '.join(m for m, _ in missing)}, not installed; "
+            f"install the extras: pip install 'keras-bn[{extras}]' (or 'keras-bn[all]')"
+        )
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -245,311 +317,72 @@ def _check_arguments(args: argparse.Namespace) -> None:
         )
     if args.data_dir is not None and not args.download and not args.data_dir.is_dir():
         raise UsageError(f"--data-dir {args.data_dir} does not exist or is not a directory")
-    missing = _missing_extras(args)
-    if missing:
-        extras = ",".join(sorted({extra for _, extra in missing}))
-        raise UsageError(
-            f"keras-bn run needs {', '.join(m for m, _ in missing)}, not installed; "
-            f"install the extras: pip install 'keras-bn[{extras}]' (or 'keras-bn[all]')"
-        )
+    _require_extras("run", [m for m in OPTIONAL_MODULES if m != "sklearn" or args.dataset == "digits"])
     try:
         outdir.check_out_dir(args.out, force=args.force)
     except outdir.OutputDirError as exc:
         raise UsageError(str(exc)) from None
 
 
-# --------------------------------------------------------------------------------------------------- the steps
+def _config(args: argparse.Namespace) -> pipeline.MainJobConfig:
+    """``--model``'s recipe supplies every training flag the user left out (export/recipes.py)."""
+    recipe = recipes.resolve(
+        args.model, dataset=args.dataset, data_dir=args.data_dir, download=args.download, lr=args.lr,
+        batch_size=args.batch_size, epochs=args.epochs,
+    )  # fmt: skip
+    args.dataset = recipe.dataset  # _check_arguments judges the dataset that will load
+    return pipeline.MainJobConfig(
+        command=["keras-bn", *args.argv], model=args.model, recipe=recipe, dataset=recipe.dataset,
+        data_dir=args.data_dir, download=args.download, epochs=recipe.epochs, batch_size=recipe.batch_size,
+        lr=recipe.lr, seed=args.seed, limit=args.limit, bn_layer=args.bn_layer, quiet=args.quiet,
+    )  # fmt: skip
 
 
-class _Log:
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def __call__(self, message: str) -> None:
-        if not self.quiet:
-            print(f"[keras-bn] {message}", flush=True)
-
-
-@dataclass
-class _Trained:
-    model: Any
-    per_epoch: dict[str, list[float]]
-    test_accuracy: float | None  # None when training diverged (nothing meaningful to evaluate)
-    diverged: dict[str, Any] | None  # {"epoch", "batch", "loss"} of the first non-finite training loss
-
-
-def _divergence_guard() -> Any:
-    """A Keras callback that stops ``fit`` at the first non-finite training loss and records where it happened."""
-    import keras
-
-    class StopOnNonFiniteLoss(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.epoch = 0
-            self.at: dict[str, Any] | None = None
-
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self.epoch = epoch
-
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            loss = float((logs or {}).get("loss", 0.0))
-            if not math.isfinite(loss) and self.at is None:
-                # The loss as text ("nan", "inf"): strict JSON would turn either into null.
-                self.at = {"epoch": self.epoch + 1, "batch": batch + 1, "loss": str(loss)}
-                self.model.stop_training = True
-
-    return StopOnNonFiniteLoss()
-
-
-def _train(dataset: Dataset, batch_norm: str | None, args: argparse.Namespace, log: _Log) -> _Trained:
-    """Build, fit and evaluate one LeNet, stopping at the first non-finite loss."""
-    import keras
-
-    # Same global seed before each model: same shuffling order and same dropout-free init for both.
-    keras.utils.set_random_seed(args.seed)
-    model = args.recipe.recipe.build_keras(batch_norm, seed=args.seed, lr=args.lr)
-    x_train, x_test = to_nhwc_float(dataset.x_train), to_nhwc_float(dataset.x_test)
-    guard = _divergence_guard()
-    history = model.fit(
-        x_train,
-        dataset.y_train,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        validation_data=(x_test, dataset.y_test),
-        callbacks=[guard],
-        verbose=0 if args.quiet else 1,
-    )
-    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
-    per_epoch = {k: [float(v) for v in history.history.get(k, [])] for k in keys}
-    if guard.at is not None:
-        return _Trained(model, per_epoch, None, guard.at)
-    _, test_accuracy = model.evaluate(x_test, dataset.y_test, batch_size=256, verbose=0)
-    log(f"{model.name}: test accuracy {100 * test_accuracy:.2f}%")
-    return _Trained(model, per_epoch, float(test_accuracy), None)
-
-
-def _to_torch(keras_model: Any) -> Any:
-    """The PyTorch twin (our autograd BN) holding exactly the Keras model's weights and moving statistics."""
-    import torch_ref
-
-    torch_model = recipes.for_keras_model(keras_model).build_torch()
-    torch_ref.keras_to_torch(keras_model, torch_model)
-    return torch_model.eval()
-
-
-def _agreement(keras_model: Any, torch_model: Any, dataset: Dataset, onnx_dir: Path) -> dict[str, Any]:
-    """Run export.agreement.compare_runtimes (exports into ``onnx_dir``) and keep what the report needs."""
-    from export.agreement import compare_runtimes
-
-    result = compare_runtimes(keras_model, torch_model, to_nhwc_float(dataset.x_test), out_dir=onnx_dir)
-    return {
-        "runtimes": list(result.runtimes),
-        "pairs": result.to_json(),  # a, b, max_abs, max_rel, argmax_agreement, max_abs_logit, worst_index, ...
-        "onnx_files": {str(form): Path(path) for form, path in result.onnx_files.items()},
-        "passed": bool(result.passed),
-        "n_inputs": int(result.n_inputs),
-        # export.agreement.RTOL is the issue's bound: max|a - b| <= rtol * max(1, max|logit|), argmax 100%.
-        "tolerance": {"rel_to_max_logit": float(result.rtol), "argmax_agreement": 1.0},
-        # skipped runtimes (deploy extra missing), runtime versions, LiteRT BN form: reported as they come
-        "summary": result.summary(),
-    }
-
-
-def _failure_message(pairs: list[dict[str, Any]]) -> str:
-    bad = [p for p in pairs if not p["passed"]]
-    worst = max(bad, key=lambda p: (p["argmax_agreement"] < 1.0, p["max_rel"]))
-    return (
-        f"agreement FAILED for {len(bad)} of {len(pairs)} runtime pairs; worst: {worst['a']} vs {worst['b']}, "
-        f"max |Δ| {worst['max_abs']:.3e} > bound {worst['rtol']:.0e}·max(1, max|logit| "
-        f"{worst['max_abs_logit']:.3g}) = {worst['tolerance']:.3e} or argmax agreement "
-        f"{100 * worst['argmax_agreement']:.2f}% < 100%; worst input: test image {worst['worst_index']} "
-        f"(full table in report.md)"
-    )
-
-
-def _divergence_message(label: str, at: dict[str, Any], lr: float) -> str:
-    return (
-        f"training diverged: {label}'s loss became {at['loss']} at epoch {at['epoch']}, batch {at['batch']} "
-        f"(SGD lr {lr}); stopped there, no export or agreement check was run"
-    )
-
-
-_EMPTY_HISTORY: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
-
-
-def _build_report(
-    args: argparse.Namespace,
-    dataset: Dataset,
-    trained: dict[str, _Trained],
-    per_epoch: dict[str, dict[str, list[float]]],
-    agreement: dict[str, Any] | None,
-    files: dict[str, str],
-    onnx_files: dict[str, str],
-    timings: dict[str, float],
-    failure: str | None,
-) -> dict[str, Any]:
-    """The plain dict that report.json and report.md are rendered from (schema: docs/report.md)."""
-    bn = trained["bn"].model
-    if failure is not None:
-        status = "diverged"
-    else:
-        status = "passed" if agreement is not None and agreement["passed"] else "disagreed"
-    return {
-        "schema_version": rpt.SCHEMA_VERSION,
-        "tool": "keras-bn run",
-        "status": status,
-        "failure": failure,
-        "command": ["keras-bn", *args.argv],
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_info(),
-        "dataset": {
-            "name": dataset.name,
-            "requested": args.dataset,
-            "source": dataset.source,
-            "embedded": dataset.embedded,
-            "canonical": dataset.canonical,
-            "file_md5": dict(dataset.file_md5),
-            "n_train": len(dataset.y_train),
-            "n_test": len(dataset.y_test),
-        },
-        "config": {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "model": args.model,
-            "recipe": args.recipe.to_config(),
-            "optimizer": args.recipe.recipe.optimizer,
-            "sgd_momentum": args.recipe.recipe.sgd_momentum,
-            "seed": args.seed,
-            "limit": args.limit,
-            "bn_layer": args.bn_layer,
-            "convention": getattr(bn.get_layer("bn1"), "convention", "keras"),
-            "bn_momentum": float(bn.get_layer("bn1").momentum),
-            "epsilon": float(bn.get_layer("bn1").epsilon),
-        },
-        "accuracy": {
-            "bn": trained["bn"].test_accuracy,
-            "no_bn": trained["no_bn"].test_accuracy if "no_bn" in trained else None,
-            "per_epoch": per_epoch,
-            "diverged": {key: t.diverged for key, t in trained.items() if t.diverged is not None},
-        },
-        "runtimes": agreement["runtimes"] if agreement else [],
-        "agreement_images": agreement["n_inputs"] if agreement else 0,
-        "tolerance": agreement["tolerance"] if agreement else {},
-        "agreement": agreement["pairs"] if agreement else [],
-        "agreement_passed": bool(agreement and agreement["passed"]),
-        "skipped_runtimes": agreement["summary"]["skipped"] if agreement else [],
-        "runtime_versions": agreement["summary"]["runtime_versions"] if agreement else {},
-        "litert": agreement["summary"]["litert"] if agreement else {},
-        "onnx_files": onnx_files,
-        "files": files,
-        "versions": rpt.collect_versions(),
-        "timings_s": timings,
-    }
+def open_out(out: Path, log: Log) -> outdir.OutputDir:
+    """Create, lock and stage ``out`` (the policy: export.outdir's docstring); a refusal is a UsageError."""
+    try:
+        held = outdir.OutputDir(out).open()
+    except outdir.OutputDirError as exc:
+        raise UsageError(str(exc)) from None
+    if held.cleaned:
+        log(f"removed what an interrupted earlier run left in {out}: {', '.join(held.cleaned)}")
+    return held
 
 
 def run_main_job(args: argparse.Namespace) -> int:
     """The ``run`` command; returns the exit status (raises UsageError for bad input)."""
     started = time.perf_counter()
-    log = _Log(args.quiet)
-    # --model: the recipe supplies every training flag the user left out (export/recipes.py).
-    args.recipe = recipes.resolve(
-        args.model, dataset=args.dataset, data_dir=args.data_dir, download=args.download, lr=args.lr,
-        batch_size=args.batch_size, epochs=args.epochs,
-    )  # fmt: skip
-    args.dataset, args.lr, args.batch_size, args.epochs = (
-        args.recipe.dataset, args.recipe.lr, args.recipe.batch_size, args.recipe.epochs,
-    )  # fmt: skip
+    log = Log(args.quiet)
+    config = _config(args)
     _check_arguments(args)  # arguments, extras and --out, before any work
-    timings: dict[str, float] = {}
-
-    t0 = time.perf_counter()
+    dataset, load_seconds = pipeline.load_data(config, log)
+    out = open_out(args.out, log)  # before training: fails fast
     try:
-        dataset = load_dataset(args.dataset, args.data_dir, download=args.download)
-    except ImportError as exc:
-        raise UsageError(str(exc)) from exc
-    except ValueError as exc:
-        raise UsageError(f"cannot load {args.dataset}: {exc}") from exc
-    except OSError as exc:
-        raise UsageError(f"cannot get {args.dataset}: {exc}") from exc
-    if args.recipe.dataset_note:  # a default, not an error: on stdout like the other steps (report.json keeps it)
-        log(f"note: {args.recipe.dataset_note}")
-    dataset = dataset.limit(args.limit)
-    timings["load_data"] = time.perf_counter() - t0
-    log(f"data: {dataset.name}, {len(dataset.y_train)} train / {len(dataset.y_test)} test; {dataset.source}")
-
-    try:
-        out = outdir.OutputDir(args.out).open()  # creates, locks and stages before training: fails fast
-    except outdir.OutputDirError as exc:
-        raise UsageError(str(exc)) from None
-    try:
-        if out.cleaned:
-            log(f"removed what an interrupted earlier run left in {args.out}: {', '.join(out.cleaned)}")
-        return _run_in(out, dataset, args, log, timings, started)
+        result = pipeline.run_main_job(config, dataset, out.staging, log, load_seconds=load_seconds)
+        t0 = time.perf_counter()
+        title = f"{config.recipe.recipe.title} with vs without BN on {dataset.name}"
+        rpt.write_plot(result.per_epoch, out.staging / rpt.PLOT_PNG, title)
+        files = {**result.files, "plot": rpt.PLOT_PNG, "report_md": rpt.REPORT_MD, "report_json": rpt.REPORT_JSON}
+        report = rpt.main_job_report(config, result, files=files)
+        result.timings["report"] = time.perf_counter() - t0
+        rpt.write_set(report, out.staging, started=started)
+        current = out.publish()
     finally:
         out.close()
-
-
-def _run_in(
-    out: outdir.OutputDir,
-    dataset: Dataset,
-    args: argparse.Namespace,
-    log: _Log,
-    timings: dict[str, float],
-    started: float,
-) -> int:
-    """Train, export and compare with every file written into ``out.staging``; publish the set at the end."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    stage = out.staging
-    files: dict[str, str] = {}
-    trained: dict[str, _Trained] = {}
-    failure = None
-    for key, batch_norm, label in (("bn", args.bn_layer, "LeNet-BN"), ("no_bn", None, "LeNet without BN")):
-        t0 = time.perf_counter()
-        log(f"training {label}" + (f" ({args.bn_layer} BN layer)" if batch_norm else "") + f", {args.epochs} epochs")
-        trained[key] = _train(dataset, batch_norm, args, log)
-        timings[f"train_{key}"] = time.perf_counter() - t0
-        if trained[key].diverged is not None:
-            failure = _divergence_message(label, trained[key].diverged, args.lr)
-            break
-        trained[key].model.save(stage / MODEL_FILES[key])
-        files[f"model_{key}"] = MODEL_FILES[key]
-
-    agreement, onnx_files = None, {}
-    if failure is None:
-        t0 = time.perf_counter()
-        log("transferring LeNet-BN to PyTorch, exporting ONNX, comparing runtimes")
-        torch_model = _to_torch(trained["bn"].model)
-        # torch.onnx's exporter warns once per missing torchvision op (nothing here uses torchvision); set after
-        # importing torch, whose logging setup resets this logger's level.
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        agreement = _agreement(trained["bn"].model, torch_model, dataset, stage / ONNX_SUBDIR)
-        onnx_files = {form: Path(path).relative_to(stage).as_posix() for form, path in agreement["onnx_files"].items()}
-        timings["export_and_agreement"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    per_epoch = {key: trained[key].per_epoch if key in trained else _EMPTY_HISTORY for key in MODEL_FILES}
-    title = f"{args.recipe.recipe.title} with vs without BN on {dataset.name}"
-    rpt.write_plot(per_epoch, stage / rpt.PLOT_PNG, title)
-    files.update({"plot": rpt.PLOT_PNG, "report_md": rpt.REPORT_MD, "report_json": rpt.REPORT_JSON})
-    report = _build_report(args, dataset, trained, per_epoch, agreement, files, onnx_files, timings, failure)
-    timings["report"] = time.perf_counter() - t0
-    report["wall_time_s"] = time.perf_counter() - started
-    rpt.write_markdown(report, stage / rpt.REPORT_MD)
-    report["manifest"] = outdir.manifest(stage, exclude=frozenset({rpt.REPORT_JSON, outdir.STAGING_MARKER}))
-    rpt.write_json(report, stage / rpt.REPORT_JSON)
-    current = out.publish()
-
     log(f"report: {current / rpt.REPORT_MD}, {current / rpt.REPORT_JSON}, {current / rpt.PLOT_PNG}")
-    if failure is not None:
-        print(f"keras-bn: error: {failure}; report: {current / rpt.REPORT_MD}", file=sys.stderr)
+    return _main_job_exit(result, current, log)
+
+
+def _main_job_exit(result: pipeline.MainJobResult, current: Path, log: Log) -> int:
+    if result.failure is not None:
+        print(f"keras-bn: error: {result.failure}; report: {current / rpt.REPORT_MD}", file=sys.stderr)
         return EXIT_FAILED
-    accuracy = {key: 100 * t.test_accuracy for key, t in trained.items()}
+    accuracy = {key: 100 * t.test_accuracy for key, t in result.trained.items()}
     log(f"test accuracy: LeNet-BN {accuracy['bn']:.2f}%, LeNet without BN {accuracy['no_bn']:.2f}%")
-    if not agreement["passed"]:
-        print(f"keras-bn: {_failure_message(agreement['pairs'])}", file=sys.stderr)
+    if not result.agreement["passed"]:
+        print(f"keras-bn: {rpt.disagreement_message(result.agreement['pairs'])}", file=sys.stderr)
         return EXIT_DISAGREE
-    log(f"agreement: all {len(agreement['pairs'])} runtime pairs within tolerance, argmax 100%")
+    log(f"agreement: all {len(result.agreement['pairs'])} runtime pairs within tolerance, argmax 100%")
     return EXIT_OK
 
 
@@ -566,7 +399,26 @@ def verify_main(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"run": run_main_job, "verify": verify_main}
+def check_main(args: argparse.Namespace) -> int:
+    """The ``check`` command: 0 when every runtime pair agrees on the user's model, 1 naming the worst pair."""
+    _require_extras("check", CHECK_MODULES)
+    from export import check
+
+    log = Log(args.quiet)
+    result = check.check_model(
+        args.model, images=args.images, out=args.out, force=args.force, skip=args.skip, log=log,
+        command=["keras-bn", *args.argv],
+    )  # fmt: skip
+    report_md = result.out / rpt.REPORT_MD
+    if not result.passed:
+        message = rpt.disagreement_message(result.report["agreement"], inputs="image")
+        print(f"keras-bn: {message}; report: {report_md}", file=sys.stderr)
+        return EXIT_DISAGREE
+    log(f"agreement: all {len(result.report['agreement'])} runtime pairs within tolerance, argmax 100%; {report_md}")
+    return EXIT_OK
+
+
+_COMMANDS = {"run": run_main_job, "verify": verify_main, "check": check_main}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,19 +1,11 @@
-"""The output directory of ``keras-bn run``: one consistent set of files, or nothing.
+"""The output directory of ``keras-bn run`` and ``keras-bn check``: one consistent set of files, or nothing.
 
-Layout of ``--out DIR`` (everything else in ``DIR`` belongs to the user and is never opened, moved or deleted)::
-
-    DIR/latest -> .keras-bn-run-<id>        symlink: the current set; readers use DIR/latest/report.md
-    DIR/.keras-bn-run-<id>/                 a complete set: report.json (with a manifest), report.md, ...
-    DIR/.keras-bn-staging-<id>/             a run in progress (holds STAGING_MARKER: pid, host, boot, start time)
-    DIR/.keras-bn.lock                      fcntl.flock'ed by the run that owns DIR; never deleted
-
-A run (:class:`OutputDir`) takes the lock without waiting (a second run on ``DIR`` is refused), removes what stale
-runs left (staging folders whose process is gone, sets no longer pointed to), writes every file into its staging
-folder, fsyncs them, renames the folder to ``.keras-bn-run-<id>`` and then swaps ``latest`` in one ``rename(2)`` of
-a fresh symlink over the old one. On Linux that rename is atomic (POSIX rename: "a link named new shall remain
-visible to other threads throughout the renaming operation and refer either to the file referred to by new or old"),
-so a reader sees the old set or the new one, never a mixture; a failure or interrupt before it leaves the old set as
-it was. Only then is the previous set deleted.
+The policy (layout of ``--out DIR``, what is refused, what is cleaned, what the user keeps) is written once, for
+users, in docs/report.md, section "Output directory: one consistent set, or nothing"; this module implements it and
+the names below are that layout's. The one step everything rests on: ``publish`` swaps ``DIR/latest`` in one
+``rename(2)`` of a fresh symlink over the old one, which is atomic on Linux (POSIX rename: "a link named new shall
+remain visible to other threads throughout the renaming operation and refer either to the file referred to by new or
+old"), so a reader sees the old set or the new one, never a mixture.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ class Recipe:
     name: str  # the --model value; also the key of keras_bn.model.BUILDERS and torch_ref.model.BUILDERS
     title: str  # for reports and plots
     source: str
-    dataset: str  # "mnist" | "fashion" (export.data.DATASET_NAMES)
+    dataset: str  # "mnist" | "fashion" (mnist_data.DATASET_NAMES)
     optimizer: str  # "sgd" | "adam" (keras_bn.compile_lenet)
     lr: float
     sgd_momentum: float  # 0.0: plain SGD; unused by Adam

@@ -1,8 +1,9 @@
 """The main job's report: ``report.json`` (schema in docs/report.md), ``report.md`` and ``curves.png``.
 
-Everything here is formatting: the numbers are computed by ``export.cli`` (training) and ``export.agreement``
-(runtime comparison) and arrive as one plain dict, so the JSON a tool reads and the Markdown a person reads can never
-disagree.
+The numbers are computed by ``export.pipeline`` (training, transfer, export) and ``export.agreement`` (runtime
+comparison); :func:`main_job_report` turns that result into one plain dict, :func:`validate_report` checks it against
+the schema, and both renderings come from that dict, so the JSON a tool reads and the Markdown a person reads can
+never disagree.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import math
 import os
 import platform
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,17 @@ __all__ = [
     "SCHEMA_VERSION",
     "STATUSES",
     "atomic_write_bytes",
+    "check_report",
     "collect_versions",
+    "disagreement_message",
+    "main_job_report",
+    "render_check_markdown",
     "render_markdown",
     "validate_report",
     "write_json",
     "write_markdown",
     "write_plot",
+    "write_set",
 ]
 
 # 2: status, failure, machine, wall_time_s, manifest; a diverged run has null accuracies and shorter histories.
@@ -55,14 +62,11 @@ _PACKAGES = (
 )
 
 # Keys every report.json has; docs/report.md describes each, tests/test_cli.py checks them.
-REQUIRED_KEYS = {
+COMMON_KEYS = {
     "schema_version": int,
     "tool": str,
     "status": str,
     "machine": dict,
-    "dataset": dict,
-    "config": dict,
-    "accuracy": dict,
     "runtimes": list,
     "agreement": list,
     "agreement_passed": bool,
@@ -73,8 +77,14 @@ REQUIRED_KEYS = {
     "wall_time_s": float,
     "manifest": list,
 }
-#: ``status``: passed (every pair agrees), disagreed (a pair does not), diverged (training stopped at a non-finite
-#: loss; no export or agreement ran).
+#: tool -> the keys only its reports have (``keras-bn run``: a training run; ``keras-bn check``: a user's model)
+TOOL_KEYS = {
+    "keras-bn run": {"dataset": dict, "config": dict, "accuracy": dict},
+    "keras-bn check": {"model": dict, "images": dict},
+}
+REQUIRED_KEYS = {**COMMON_KEYS, **TOOL_KEYS["keras-bn run"]}
+#: ``status``: passed (every pair agrees), disagreed (a pair does not), diverged (``run`` only: training stopped at a
+#: non-finite loss; no export or agreement ran).
 STATUSES = ("passed", "disagreed", "diverged")
 MANIFEST_KEYS = ("path", "size", "sha256")
 PAIR_KEYS = ("a", "b", "max_abs", "max_rel", "argmax_agreement", "max_abs_logit")
@@ -92,13 +102,17 @@ def collect_versions() -> dict[str, str | None]:
 
 
 def validate_report(report: Mapping[str, Any]) -> None:
-    """Raise ValueError if ``report`` lacks a documented key or has one of the wrong type (schema_version 2)."""
-    for key, kind in REQUIRED_KEYS.items():
+    """Raise ValueError if ``report`` lacks a documented key of its tool or has one of the wrong type
+    (schema_version 2)."""
+    tool = report.get("tool")
+    if tool not in TOOL_KEYS:
+        raise ValueError(f"report['tool'] is {tool!r}, expected one of {', '.join(TOOL_KEYS)}")
+    for key, kind in {**COMMON_KEYS, **TOOL_KEYS[tool]}.items():
         if key not in report:
             raise ValueError(f"report is missing key {key!r}")
         if not isinstance(report[key], kind):
             raise ValueError(f"report[{key!r}] is {type(report[key]).__name__}, expected {kind.__name__}")
-    for key in ("bn", "no_bn", "per_epoch"):
+    for key in ("bn", "no_bn", "per_epoch") if tool == "keras-bn run" else ():
         if key not in report["accuracy"]:
             raise ValueError(f"report['accuracy'] is missing {key!r}")
     if report["status"] not in STATUSES:
@@ -113,6 +127,135 @@ def validate_report(report: Mapping[str, Any]) -> None:
         missing = [k for k in MANIFEST_KEYS if k not in entry]
         if missing:
             raise ValueError(f"report['manifest'][{i}] is missing {missing}")
+
+
+def main_job_report(config: Any, result: Any, *, files: Mapping[str, str]) -> dict[str, Any]:
+    """The plain dict that report.json and report.md of ``keras-bn run`` are rendered from (schema: docs/report.md).
+
+    ``config`` is an ``export.pipeline.MainJobConfig``, ``result`` its ``MainJobResult``; ``files`` every file of
+    the set by role. Keys filled in by :func:`write_set`: ``wall_time_s``, ``manifest``."""
+    from export.machine import machine_info
+
+    bn = result.trained["bn"].model
+    agreement, dataset = result.agreement, result.dataset
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "keras-bn run",
+        "status": result.status,
+        "failure": result.failure,
+        "command": list(config.command),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "dataset": {
+            "name": dataset.name,
+            "requested": config.dataset,
+            "source": dataset.source,
+            "embedded": dataset.embedded,
+            "canonical": dataset.canonical,
+            "file_md5": dict(dataset.file_md5),
+            "n_train": len(dataset.y_train),
+            "n_test": len(dataset.y_test),
+        },
+        "config": {
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "lr": config.lr,
+            "model": config.model,
+            "recipe": config.recipe.to_config(),
+            "optimizer": config.recipe.recipe.optimizer,
+            "sgd_momentum": config.recipe.recipe.sgd_momentum,
+            "seed": config.seed,
+            "limit": config.limit,
+            "bn_layer": config.bn_layer,
+            "convention": getattr(bn.get_layer("bn1"), "convention", "keras"),
+            "bn_momentum": float(bn.get_layer("bn1").momentum),
+            "epsilon": float(bn.get_layer("bn1").epsilon),
+        },
+        "accuracy": {
+            "bn": result.trained["bn"].test_accuracy,
+            "no_bn": result.trained["no_bn"].test_accuracy if "no_bn" in result.trained else None,
+            "per_epoch": result.per_epoch,
+            "diverged": {key: t.diverged for key, t in result.trained.items() if t.diverged is not None},
+        },
+        **agreement_keys(agreement),
+        "onnx_files": dict(result.onnx_files),
+        "files": dict(files),
+        "versions": collect_versions(),
+        "timings_s": result.timings,
+    }
+
+
+def agreement_keys(agreement: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The report's agreement keys from ``export.pipeline.agreement_summary`` (empty ones when nothing ran)."""
+    return {
+        "runtimes": agreement["runtimes"] if agreement else [],
+        "agreement_images": agreement["n_inputs"] if agreement else 0,
+        "tolerance": agreement["tolerance"] if agreement else {},
+        "agreement": agreement["pairs"] if agreement else [],
+        "agreement_passed": bool(agreement and agreement["passed"]),
+        "skipped_runtimes": agreement["summary"]["skipped"] if agreement else [],
+        "runtime_versions": agreement["summary"]["runtime_versions"] if agreement else {},
+        "litert": agreement["summary"]["litert"] if agreement else {},
+    }
+
+
+def check_report(
+    *,
+    command: list[str],
+    model: dict[str, Any],
+    images: dict[str, Any],
+    agreement: Mapping[str, Any],
+    onnx_files: Mapping[str, str],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The report dict of ``keras-bn check`` (schema: docs/report.md); ``agreement`` from
+    ``export.pipeline.agreement_summary``. Keys filled in by :func:`write_set`: ``wall_time_s``, ``manifest``."""
+    from export.machine import machine_info
+
+    files = {"report_md": REPORT_MD, "report_json": REPORT_JSON}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "keras-bn check",
+        "status": "passed" if agreement["passed"] else "disagreed",
+        "command": list(command),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "model": model,
+        "images": images,
+        **agreement_keys(agreement),
+        "onnx_files": dict(onnx_files),
+        "files": files,
+        "versions": collect_versions(),
+        "timings_s": timings,
+    }
+
+
+def disagreement_message(pairs: list[Mapping[str, Any]], inputs: str = "test image") -> str:
+    """One line naming how many pairs failed, the worst pair, its numbers and its worst input."""
+    bad = [p for p in pairs if not p["passed"]]
+    worst = max(bad, key=lambda p: (p["argmax_agreement"] < 1.0, p["max_rel"]))
+    return (
+        f"agreement FAILED for {len(bad)} of {len(pairs)} runtime pairs; worst: {worst['a']} vs {worst['b']}, "
+        f"max |Δ| {worst['max_abs']:.3e} > bound {worst['rtol']:.0e}·max(1, max|logit| "
+        f"{worst['max_abs_logit']:.3g}) = {worst['tolerance']:.3e} or argmax agreement "
+        f"{100 * worst['argmax_agreement']:.2f}% < 100%; worst input: {inputs} {worst['worst_index']} "
+        f"(full table in report.md)"
+    )
+
+
+def write_set(
+    report: dict[str, Any], stage: Path, *, started: float, render: Callable[[Mapping[str, Any]], str] | None = None
+) -> None:
+    """Write report.md and, last, report.json with the manifest of every other file in ``stage``.
+
+    ``started`` (``time.perf_counter()`` at the command's start) gives ``wall_time_s``; ``render`` is the Markdown
+    renderer (default :func:`render_markdown`, the main job's). report.json is validated before it is written."""
+    from export import outdir
+
+    report["wall_time_s"] = time.perf_counter() - started
+    atomic_write_bytes(stage / REPORT_MD, (render or render_markdown)(_json_safe(report)).encode())
+    report["manifest"] = outdir.manifest(stage, exclude=frozenset({REPORT_JSON, outdir.STAGING_MARKER}))
+    write_json(report, stage / REPORT_JSON)
 
 
 def _file_mode() -> int:
@@ -186,14 +329,14 @@ def _result_line(report: Mapping[str, Any]) -> str:
     return f"Result: **{'PASS' if status == 'passed' else 'FAIL'}**."
 
 
-def _worst_pair_line(pairs: list[Mapping[str, Any]]) -> list[str]:
+def _worst_pair_line(pairs: list[Mapping[str, Any]], input_name: str = "test image") -> list[str]:
     """One sentence naming the pair closest to (or furthest past) its bound, relative to the logit scale."""
     if not pairs:
         return []
     worst = max(pairs, key=lambda p: p["max_abs"] / max(1.0, p["max_abs_logit"]))
     return [
         f"Largest difference: {worst['a']} vs {worst['b']}, max |Δ| {_sci(worst['max_abs'])} on logits up to "
-        f"{worst['max_abs_logit']:.3g} (test image {worst.get('worst_index', 'n/a')}).",
+        f"{worst['max_abs_logit']:.3g} ({input_name} {worst.get('worst_index', 'n/a')}).",
         "",
     ]
 
@@ -217,20 +360,20 @@ def _skipped_runtimes_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _agreement_lines(report: Mapping[str, Any]) -> list[str]:
-    lines = ["", "## Agreement across runtimes (LeNet-BN, logits)", ""]
+def _agreement_lines(report: Mapping[str, Any], subject: str = "LeNet-BN", inputs: str = "test images") -> list[str]:
+    lines = ["", f"## Agreement across runtimes ({subject}, logits)", ""]
     if report["status"] == "diverged":
         return lines + ["Not run: training diverged, so there was no trained model to export and compare."]
     tol = report.get("tolerance", {})
     lines += [
-        f"{report['agreement_images']} test images, float32. Pass: max |Δ| <= "
+        f"{report['agreement_images']} {inputs}, float32. Pass: max |Δ| <= "
         f"{tol.get('rel_to_max_logit', 'n/a')} · max(1, max |logit|) and argmax agreement "
         f"{_pct(tol.get('argmax_agreement'))} for every pair. {_result_line(report)}",
         "",
         "Runtimes: " + ", ".join(f"`{r}`" for r in report["runtimes"]) + ".",
         "",
         *_skipped_runtimes_lines(report),
-        *_worst_pair_line(report["agreement"]),
+        *_worst_pair_line(report["agreement"], "test image" if inputs == "test images" else "image"),
         "| a | b | max abs Δ | max rel Δ | max abs logit | argmax agreement | worst input | pass |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -310,6 +453,39 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if report["onnx_files"]:
         lines += ["", "## ONNX files", "", "| model | file |", "|---|---|"]
         lines += [f"| {name} | `{path}` |" for name, path in report["onnx_files"].items()]
+    lines += ["", "## Versions", "", "| package | version |", "|---|---|"]
+    lines += [f"| {k} | {v if v is not None else 'not installed'} |" for k, v in report["versions"].items()]
+    lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def render_check_markdown(report: Mapping[str, Any]) -> str:
+    """The human-readable report of ``keras-bn check``: model, BN layers, images, agreement, files, versions."""
+    from export.machine import describe_machine
+
+    model, images = report["model"], report["images"]
+    lines = [
+        "# keras-bn check report",
+        "",
+        _result_line(report),
+        "",
+        f"Model: `{model['name']}`" + (f" from `{model['path']}`" if model.get("path") else "")
+        + f", input {tuple(model['input_shape'])}, {model['layers']} layers, {len(model['bn_layers'])} BN layers. "
+        f"Converted to PyTorch by `torch_ref.from_keras`; ONNX with BN kept and folded.",
+        "",
+        f"Images: {images['n']}, {images['source']}.",
+        "",
+        f"Machine: {describe_machine(report['machine'])}. Wall time: {report['wall_time_s']:.1f} s.",
+        "",
+        "| BN layer | type | convention | momentum | epsilon |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for bn in model["bn_layers"]:
+        lines.append(f"| {bn['name']} | {bn['type']} | {bn['convention']} | {bn['momentum']} | {bn['epsilon']} |")
+    lines += _agreement_lines(report, subject=model["name"], inputs="images")
+    lines += ["", "## ONNX files", "", "| model | file |", "|---|---|"]
+    lines += [f"| {name} | `{path}` |" for name, path in report["onnx_files"].items()]
     lines += ["", "## Versions", "", "| package | version |", "|---|---|"]
     lines += [f"| {k} | {v if v is not None else 'not installed'} |" for k, v in report["versions"].items()]
     lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]

@@ -2,7 +2,7 @@
 
 Every runner takes images as Keras gets them, ``(N, H, W, C)`` float32, and returns ``(N, classes)``
 logits; runners for NCHW models (PyTorch, its ONNX export) transpose on the way in. ONNX models
-say their layout in the ``input_layout`` metadata written by :mod:`export.onnx_export`.
+say their layout in the ``input_layout`` metadata written by :mod:`export.onnx.exporters`.
 
 :func:`run_spec` is the independent reference: the network written out in NumPy with every BN
 computed by ``spec.batch_norm_infer``, in float64.

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.data import load_dataset, to_nhwc_float
+from mnist_data import load_dataset, to_nhwc_float
 
 
 @contextlib.contextmanager

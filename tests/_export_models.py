@@ -29,7 +29,7 @@ atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 @functools.cache
 def digits() -> tuple[np.ndarray, np.ndarray]:
     """Embedded digits as float32 NHWC images and labels (the test split)."""
-    from export.data import load_dataset, to_nhwc_float
+    from mnist_data import load_dataset, to_nhwc_float
 
     data = load_dataset("digits")
     return to_nhwc_float(data.x_test), data.y_test
@@ -42,7 +42,7 @@ def trained_pair(flavour: str):
 
     import keras_bn
     import torch_ref
-    from export.data import load_dataset, to_nhwc_float
+    from mnist_data import load_dataset, to_nhwc_float
 
     keras_kind, torch_kind = FLAVOURS[flavour]
     keras.utils.set_random_seed(20261121)
@@ -57,7 +57,7 @@ def trained_pair(flavour: str):
 @functools.cache
 def exported(flavour: str) -> dict[str, Path]:
     """The four ONNX forms of :func:`trained_pair`, form -> path."""
-    from export.onnx_export import export_all
+    from export.onnx.exporters import export_all
 
     keras_model, torch_model = trained_pair(flavour)
     return export_all(keras_model, torch_model, _TMP / flavour)

@@ -1,7 +1,7 @@
 """IDX files written by hand for the data-loading tests (test_data.py, test_cli.py).
 
 The encoding is built here from the format's definition (LeCun's MNIST page: big-endian magic
-0x0000 08 ndim, then the sizes, then uint8 data), independently of export.data's reader.
+0x0000 08 ndim, then the sizes, then uint8 data), independently of mnist_data's reader.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.data import IDX_FILES
+from mnist_data import IDX_FILES
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -77,7 +77,7 @@ def mnist_test(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
     Shared by every test that needs it: treat the arrays as read-only.
     """
-    from export.data import load_dataset  # the project's loader, itself checked by test_data.py
+    from mnist_data import load_dataset  # the project's loader, itself checked by test_data.py
 
     data = load_dataset("mnist", data_dir=mnist_dir)
     return data.x_test, data.y_test

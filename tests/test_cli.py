@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from _idx_files import idx_bytes
 
-from export import cli, outdir
+from export import cli, outdir, pipeline
 from export import report as rpt
-from export.data import IDX_FILES, load_dataset, to_nhwc_float
+from mnist_data import IDX_FILES, load_dataset, to_nhwc_float
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and fast, yet enough steps (4 per model) for both nets to move off the initial weights.
@@ -122,7 +122,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("training started although the input was bad")
 
-    monkeypatch.setattr(cli, "_train", forbidden)
+    monkeypatch.setattr(pipeline, "_train", forbidden)
 
 
 @pytest.mark.parametrize(
@@ -181,7 +181,7 @@ def test_missing_optional_dependency_exits_2_naming_the_extra(
     """A Keras-only install (`pip install -e .`): simulated by a None entry in sys.modules, which makes both
     ``import module`` and ``importlib.util.find_spec(module)`` report it missing, as for an uninstalled package."""
     monkeypatch.setitem(sys.modules, module, None)
-    monkeypatch.setattr(cli, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the extras check"))
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: pytest.fail("data loaded before the extras check"))
     out = tmp_path / "out"
     assert cli.main(["run", "--quiet", "--dataset", dataset, "--out", str(out)]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
@@ -279,7 +279,7 @@ def test_internal_error_exits_3_with_one_line_and_traceback_only_with_debug(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug in the loader\nsecond line of detail")
 
-    monkeypatch.setattr(cli, "load_dataset", broken)
+    monkeypatch.setattr(pipeline, "load_dataset", broken)
     argv = ["run", "--quiet", "--out", str(tmp_path / "out")]
     assert cli.main(argv) == cli.EXIT_FAILED
     err = capsys.readouterr().err
@@ -299,7 +299,7 @@ def test_interrupt_exits_130_without_traceback(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_dataset", interrupted)
+    monkeypatch.setattr(pipeline, "load_dataset", interrupted)
     assert cli.main(["run", "--quiet", "--out", str(tmp_path / "out")]) == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err == "keras-bn: interrupted; nothing of this run was published, --out is as it was\n"
     assert not (tmp_path / "out").exists()
@@ -504,7 +504,7 @@ def test_interrupt_after_files_are_staged_exits_130_and_keeps_the_old_set(
         staged.extend(sorted(p.name for p in out.glob(f"{outdir.STAGING_PREFIX}*/*.keras")))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_to_torch", interrupted)
+    monkeypatch.setattr(pipeline, "_to_torch", interrupted)
     argv = ["run", "--quiet", "--epochs", "1", "--limit", "16", "--batch-size", "16", "--out", str(out)]
     assert cli.main(argv) == cli.EXIT_INTERRUPTED
     assert staged == ["lenet.keras", "lenet_bn.keras"]  # the interrupt really came with new files staged
@@ -742,7 +742,7 @@ def test_disagreement_exits_1_naming_pair_and_worst_input(
     far past 1e-5 * max(1, |logit|) for logits of a 1-step model (a few units)."""
     import torch
 
-    transfer = cli._to_torch
+    transfer = pipeline._to_torch
 
     def perturbed(keras_model):
         model = transfer(keras_model)
@@ -750,7 +750,7 @@ def test_disagreement_exits_1_naming_pair_and_worst_input(
             model.fc3.bias[3] += 0.05
         return model
 
-    monkeypatch.setattr(cli, "_to_torch", perturbed)
+    monkeypatch.setattr(pipeline, "_to_torch", perturbed)
     out = tmp_path / "out"
     argv = ["run", "--epochs", "1", "--limit", "32", "--batch-size", "32", "--out", str(out), "--quiet"]
     assert cli.main(argv) == cli.EXIT_DISAGREE
@@ -771,3 +771,193 @@ def test_disagreement_exits_1_naming_pair_and_worst_input(
     assert f"agreement FAILED for {len(failed)} of {n_pairs} runtime pairs" in err
     named = next(p for p in failed if f"worst: {p['a']} vs {p['b']}," in err)
     assert f"worst input: test image {named['worst_index']}" in err
+
+
+# ---------------------------------------------------------------------------------- keras-bn check MODEL.keras
+
+
+CHECK_IMAGE = (12, 12, 3)  # (H, W, C) of the small user model below
+# The optional runtimes (deploy extra) run the same ONNX files and are covered by tests/test_export_runtimes.py; here
+# they would only add their start-up time (LiteRT conversion, a JAX subprocess).
+CHECK_SKIP = ["--skip", "keras:jax", "--skip", "litert", *[f"--skip=openvino:{f}" for f in ("keras", "keras-folded")]]
+CHECK_SKIP += [f"--skip=openvino:{f}" for f in ("torch", "torch-folded")]
+# BN layers of the user model: (layer, epsilon), Keras' own layer and ours with PyTorch's convention
+CHECK_BN = {"bn_keras": 1e-3, "bn_ours": 1e-5}
+
+
+def _user_model(unsupported: bool = False):
+    """A small functional, channels-last model with two BN layers whose moving statistics are moved off 0 and 1 (as
+    training would), so that a converter which dropped them would disagree."""
+    import keras
+
+    import keras_bn
+
+    inputs = keras.Input(CHECK_IMAGE)
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(epsilon=CHECK_BN["bn_keras"], name="bn_keras")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.UpSampling2D(name="upsample")(x) if unsupported else keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Conv2D(6, 3, name="conv2")(x)
+    x = keras_bn.BatchNorm(epsilon=CHECK_BN["bn_ours"], convention="torch", name="bn_ours")(x)
+    x = keras.layers.Activation("relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(5, name="logits")(x), name="user_net")
+    rng = np.random.default_rng(1)
+    for name in CHECK_BN:
+        layer = model.get_layer(name)
+        layer.moving_mean.assign(rng.normal(0.0, 0.3, layer.moving_mean.shape).astype("float32"))
+        layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape).astype("float32"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("check")
+    files = {"model": root / "user_net.keras", "unsupported": root / "upsample.keras", "images": root / "images.npz"}
+    _user_model().save(files["model"])
+    _user_model(unsupported=True).save(files["unsupported"])
+    images = np.random.default_rng(2).random((8, *CHECK_IMAGE), dtype=np.float32)
+    np.savez(files["images"], images=images)
+    np.savez(root / "wrong_shape.npz", images=images[:, :10])
+    np.savez(root / "wrong_dtype.npz", images=images.astype(np.float64))
+    np.savez(root / "wrong_key.npz", x=images)
+    (root / "notes.txt").write_text("not a model")
+    (root / "fake.keras").write_text("not a zip archive")
+    return files
+
+
+def _check_bad_case(case: str, files: dict[str, Path]) -> tuple[list[str], str]:
+    root = files["model"].parent
+    if case == "missing-model":
+        return [str(root / "nope.keras")], f"{root / 'nope.keras'} does not exist or is not a file"
+    if case == "not-keras-suffix":
+        return [str(root / "notes.txt")], "notes.txt is not a Keras model file (.keras"
+    if case == "keras-suffix-not-a-zip":
+        return [str(root / "fake.keras")], "fake.keras is not a Keras model file (.keras"
+    if case == "unsupported-layer":
+        return [str(files["unsupported"])], "keras layer 'upsample' (UpSampling2D) cannot be converted"
+    if case == "images-missing":
+        return [str(files["model"]), "--images", str(root / "nope.npz")], "does not exist or is not a file"
+    if case == "images-wrong-shape":
+        return [str(files["model"]), "--images", str(root / "wrong_shape.npz")], "float32 (8, 10, 12, 3); the model"
+    if case == "images-wrong-dtype":
+        return [str(files["model"]), "--images", str(root / "wrong_dtype.npz")], "is float64 (8, 12, 12, 3); the mod"
+    if case == "images-wrong-key":
+        return [str(files["model"]), "--images", str(root / "wrong_key.npz")], "no array 'images' in it (found ['x'])"
+    if case == "skip-unknown":
+        return [str(files["model"]), "--skip", "torch"], "--skip torch: not an optional runtime"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing-model",
+        "not-keras-suffix",
+        "keras-suffix-not-a-zip",
+        "unsupported-layer",
+        "images-missing",
+        "images-wrong-shape",
+        "images-wrong-dtype",
+        "images-wrong-key",
+        "skip-unknown",
+    ],
+)
+def test_check_bad_input_exits_2_naming_it_without_traceback(
+    case: str, user_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv, message = _check_bad_case(case, user_files)
+    out = tmp_path / "out"
+    assert cli.main(["check", *argv, "--out", str(out), "--quiet"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("keras-bn: error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()  # refused before anything was created
+
+
+def test_check_python_api_refuses_images_of_the_wrong_shape(user_files: dict[str, Path]) -> None:
+    import export
+
+    wrong = np.zeros((2, 5, 5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"images is float32 \(2, 5, 5, 3\); the model needs float32 \(N, 12, 12, 3\)"):
+        export.check_model(user_files["model"], images=wrong)
+
+
+def test_check_help_lists_images_default_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "check" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["check", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--images FILE.npz" in help_text and "32 deterministic float32 images" in help_text
+    for code, meaning in cli.EXIT_CODES.items():
+        assert f"{code}: {meaning}" in help_text, code
+
+
+def test_check_own_model_agrees_exits_0_with_a_verifiable_report(
+    user_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["check", str(user_files["model"]), "--images", str(user_files["images"]), "--out", str(out), "--quiet"]
+    assert cli.main([*argv, *CHECK_SKIP]) == cli.EXIT_OK, capsys.readouterr().err[-3000:]
+    assert capsys.readouterr().err == ""
+    assert cli.main(["verify", str(out)]) == cli.EXIT_OK  # the set is complete: every file matches its manifest
+    report = json.loads((out / "latest" / "report.json").read_text())
+    rpt.validate_report(report)
+    assert (report["tool"], report["status"], report["agreement_passed"]) == ("keras-bn check", "passed", True)
+    # The layers we built, with their own epsilon (independent of the converter's reading of them).
+    assert {bn["name"]: bn["epsilon"] for bn in report["model"]["bn_layers"]} == pytest.approx(CHECK_BN, rel=1e-7)
+    assert report["model"]["input_shape"] == [None, *CHECK_IMAGE] and report["images"]["n"] == 8
+    assert {"keras", "torch", "ort:keras", "ort:keras-folded", "ort:torch", "ort:torch-folded"} <= set(
+        report["runtimes"]
+    )
+    # 'same' padding and global pooling are beyond the NumPy spec forward: skipped, with the reason said.
+    assert any(s["runtime"] == "spec" and "conv1" in s["reason"] for s in report["skipped_runtimes"])
+    assert sorted(report["onnx_files"]) == ["keras", "keras-folded", "torch", "torch-folded"]
+    for pair in report["agreement"]:  # the project's float32 bound (export.agreement.RTOL), 100% argmax
+        assert pair["max_abs"] <= 1e-5 * max(1.0, pair["max_abs_logit"]) and pair["argmax_agreement"] == 1.0
+    md = (out / "latest" / "report.md").read_text()
+    assert (
+        "# keras-bn check report" in md
+        and "Result: **PASS**" in md
+        and "| bn_ours | keras_bn>BatchNorm | torch |" in md
+    )
+
+
+def test_check_disagreement_exits_1_naming_pair_and_worst_input(
+    user_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The converted twin gets logit 3's bias shifted by 0.05 after the exact conversion: every PyTorch-fed runtime
+    (torch, its two ONNX files in ORT, onnx.reference) then differs from every Keras-fed one by 0.05, far past
+    1e-5 * max(1, |logit|) for logits below 10."""
+    import torch
+
+    from export import check
+
+    convert = check._to_torch
+
+    def perturbed(keras_model):
+        model = convert(keras_model)
+        (bias,) = [p for name, p in model.named_parameters() if name.endswith("bias") and p.numel() == 5]
+        with torch.no_grad():
+            bias[3] += 0.05
+        return model
+
+    monkeypatch.setattr(check, "_to_torch", perturbed)
+    out = tmp_path / "out"
+    argv = ["check", str(user_files["model"]), "--images", str(user_files["images"]), "--out", str(out), "--quiet"]
+    assert cli.main([*argv, *CHECK_SKIP]) == cli.EXIT_DISAGREE
+    err = capsys.readouterr().err
+    report = json.loads((out / "latest" / "report.json").read_text())
+    assert (report["status"], report["agreement_passed"]) == ("disagreed", False)
+    runtimes = report["runtimes"]
+    torch_fed = {"torch", "ort:torch", "ort:torch-folded", "onnx.reference"}
+    failed = [p for p in report["agreement"] if not p["passed"]]
+    assert len(failed) == len(torch_fed) * (len(runtimes) - len(torch_fed))
+    assert all(({p["a"], p["b"]} & torch_fed) and ({p["a"], p["b"]} - torch_fed) for p in failed)
+    for pair in failed:  # the shift is 0.05 on one logit; float32 noise on top is < 1e-5
+        assert pair["max_abs"] == pytest.approx(0.05, abs=1e-5)
+    assert err.count("\n") == 1 and "Traceback" not in err
+    named = next(p for p in failed if f"worst: {p['a']} vs {p['b']}," in err)
+    assert f"worst input: image {named['worst_index']}" in err

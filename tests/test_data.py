@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 from _idx_files import idx_bytes, write_idx_set
 
-from export import data
-from export.data import (
+from mnist_data import (
     IDX_FILES,
     DataError,
     download_dataset,
@@ -30,8 +29,9 @@ from export.data import (
     to_nchw_float,
     to_nhwc_float,
 )
+from mnist_data import loaders as data
 
-# md5 of the canonical distribution, copied from shared/data/README.md (an independent source from export.data).
+# md5 of the canonical distribution, copied from shared/data/README.md (an independent source from mnist_data).
 MNIST_MD5 = {
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
     "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",

@@ -1,4 +1,4 @@
-"""BN folding (export.fold): the formula against the spec, every graph pattern, and the exporters' own folds."""
+"""BN folding (export.onnx.fold): the formula against the spec, every graph pattern, and the exporters' own folds."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import spec
-from export.fold import fold_batchnorm, fold_weights
-from export.onnx_graph import BatchNormParams, batchnorm_nodes, check_model
+from export.onnx.fold import fold_batchnorm, fold_weights
+from export.onnx.graph import BatchNormParams, batchnorm_nodes, check_model
 
 U32 = 2.0**-24  # float32 unit roundoff
 

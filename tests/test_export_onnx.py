@@ -7,8 +7,8 @@ import onnx
 import pytest
 from _export_models import FLAVOURS, digits, exported, raw_keras_export, trained_pair
 
-from export.onnx_export import FORMS, keras_batchnorm_params
-from export.onnx_graph import (
+from export.onnx.exporters import FORMS, keras_batchnorm_params
+from export.onnx.graph import (
     BATCH_DIM,
     OPSET,
     BatchNormParams,
@@ -78,7 +78,7 @@ def test_export_metadata_names_model_convention_framework(flavour, form):
 @pytest.mark.parametrize(("batch_norm", "convention"), [("ours", "torch"), (None, "none")], ids=["ours-torch", "no-bn"])
 def test_keras_export_metadata_follows_the_layers(batch_norm, convention, tmp_path):
     import keras_bn
-    from export.onnx_export import export_keras
+    from export.onnx.exporters import export_keras
 
     model = keras_bn.lenet_bn(batch_norm, convention="torch", seed=0) if batch_norm else keras_bn.lenet_bn(None)
     props = metadata(onnx.load(export_keras(model, tmp_path / "m.onnx", fold=True)))
@@ -175,7 +175,7 @@ def _conv_bn_flatten(batch_norm: str, rng: np.random.Generator):
 @pytest.mark.parametrize("fold", [False, True], ids=["bn-kept", "bn-folded"])
 @pytest.mark.parametrize("batch_norm", ["ours", "keras"], ids=["keras_bn.BatchNorm", "keras.BatchNormalization"])
 def test_conv_bn_flatten_exports_with_bn_kept_or_folded(batch_norm, fold, rng, tmp_path):
-    from export.onnx_export import export_keras
+    from export.onnx.exporters import export_keras
     from export.runtimes import run_ort, run_spec
 
     model = _conv_bn_flatten(batch_norm, rng)

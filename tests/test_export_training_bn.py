@@ -12,7 +12,7 @@ import pytest
 from onnx import helper
 
 import spec
-from export.onnx_graph import TRAINING_OPSET, batchnorm_training_model, check_model, ir_version_for
+from export.onnx.graph import TRAINING_OPSET, batchnorm_training_model, check_model, ir_version_for
 
 SHAPES = {"NC": (16, 4), "NCHW": (8, 3, 5, 5), "NCDHW": (4, 2, 3, 3, 3)}
 MOMENTA = [0.9, 0.99]

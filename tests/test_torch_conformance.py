@@ -30,7 +30,7 @@ from lockstep import StepDivergence, train_lenet_lockstep, train_lockstep
 
 import keras_bn
 import torch_ref
-from export.data import to_nhwc_float
+from mnist_data import to_nhwc_float
 
 STEPS = 50
 BATCH = 32

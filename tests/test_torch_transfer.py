@@ -10,7 +10,7 @@ from torch import nn
 
 import keras_bn
 import torch_ref
-from export.data import to_nchw_float, to_nhwc_float
+from mnist_data import to_nchw_float, to_nhwc_float
 
 
 def _keras_lenet(batch_norm: str | None, seed: int = 0, **kwargs) -> keras.Model:

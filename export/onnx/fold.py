@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export.onnx_graph import BatchNormParams, _drop_unused
+from export.onnx.graph import BatchNormParams, _drop_unused
 
 __all__ = ["fold_batchnorm", "fold_weights"]
 

@@ -37,6 +37,7 @@ from typing import BinaryIO
 import numpy as np
 
 __all__ = [
+    "DATASET_NAMES",
     "DATASETS",
     "IDX_FILES",
     "DataError",

@@ -1,7 +1,7 @@
 """Export LeNet-BN from Keras and from PyTorch to ONNX, with BN kept as nodes or folded.
 
 Four files per trained model pair (see :data:`FORMS`), all with input ``"images"`` and output
-``"logits"``, a dynamic ``batch`` axis, opset :data:`~export.onnx_graph.OPSET`, the smallest IR
+``"logits"``, a dynamic ``batch`` axis, opset :data:`~export.onnx.graph.OPSET`, the smallest IR
 version that carries it, ``onnx.checker`` + strict shape inference passed, and ``metadata_props``
 naming the model, BN convention, framework, exporter, input layout and BN form:
 
@@ -9,9 +9,9 @@ naming the model, BN convention, framework, exporter, input layout and BN form:
 form               layout   how
 =================  =======  ============================================================================
 keras              NHWC     ``keras.Model.export(format="onnx")`` (tf2onnx). tf2onnx writes each BN as
-                            per-channel Mul/Add constants; :func:`~export.onnx_graph.restore_batchnorm`
+                            per-channel Mul/Add constants; :func:`~export.onnx.graph.restore_batchnorm`
                             checks them against the layer and puts a ``BatchNormalization`` node back.
-keras-folded       NHWC     the ``keras`` graph through our :func:`~export.fold.fold_batchnorm` (tf2onnx
+keras-folded       NHWC     the ``keras`` graph through our :func:`~export.onnx.fold.fold_batchnorm` (tf2onnx
                             does not fold a BN that follows a biased Conv/Dense).
 torch              NCHW     ``torch.onnx.export(dynamo=True, optimize=False)``: ATen's batch norm becomes
                             ``BatchNormalization``.
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export.fold import fold_batchnorm
-from export.onnx_graph import (
+from export.onnx.fold import fold_batchnorm
+from export.onnx.graph import (
     OPSET,
     BatchNormParams,
     batchnorm_nodes,
@@ -62,7 +62,7 @@ FORMS: dict[str, str] = {
     "torch": "lenet_bn_torch.onnx",
     "torch-folded": "lenet_bn_torch_folded.onnx",
 }
-_PRODUCER = "keras-bn export.onnx_export"
+_PRODUCER = "keras-bn export.onnx.exporters"
 
 
 def _is_batch_norm_layer(layer) -> bool:
@@ -155,7 +155,7 @@ def _finish(model: onnx.ModelProto, props: dict[str, str], form: str, folded_by:
     return path
 
 
-_OUR_FOLD = "export.fold (float64)"
+_OUR_FOLD = "export.onnx.fold (float64)"
 _TORCH_FOLD = "onnxscript optimizer via torch.onnx.export(optimize=True) (float32)"
 
 
@@ -265,16 +265,20 @@ def export_all(
     *,
     opset: int = OPSET,
     input_shape: Sequence[int] = (1, 28, 28),
+    stem: str = "lenet_bn",
 ) -> dict[str, Path]:
-    """Write the four :data:`FORMS` into ``out_dir`` (one tf2onnx and one torch export); returns form -> path."""
+    """Write the four :data:`FORMS` into ``out_dir`` (one tf2onnx and one torch export); returns form -> path.
+
+    ``input_shape`` is the PyTorch model's per-image (C, H, W); ``stem`` replaces ``lenet_bn`` in the file names."""
     out_dir = Path(out_dir)
+    names = {form: stem + name.removeprefix("lenet_bn") for form, name in FORMS.items()}
     keras_graph, keras_props = _keras_graphs(keras_model, opset)
     torch_unfolded, torch_folded, torch_props = _torch_graphs(torch_model, opset, input_shape)
     return {
-        "keras": _finish(keras_graph, keras_props, "batchnorm", "", out_dir / FORMS["keras"]),
+        "keras": _finish(keras_graph, keras_props, "batchnorm", "", out_dir / names["keras"]),
         "keras-folded": _finish(
-            fold_batchnorm(keras_graph), keras_props, "folded", _OUR_FOLD, out_dir / FORMS["keras-folded"]
+            fold_batchnorm(keras_graph), keras_props, "folded", _OUR_FOLD, out_dir / names["keras-folded"]
         ),
-        "torch": _finish(torch_unfolded, torch_props, "batchnorm", "", out_dir / FORMS["torch"]),
-        "torch-folded": _finish(torch_folded, torch_props, "folded", _TORCH_FOLD, out_dir / FORMS["torch-folded"]),
+        "torch": _finish(torch_unfolded, torch_props, "batchnorm", "", out_dir / names["torch"]),
+        "torch-folded": _finish(torch_folded, torch_props, "folded", _TORCH_FOLD, out_dir / names["torch-folded"]),
     }

@@ -300,7 +300,7 @@ def _adopt_batchnorm(graph, bn: onnx.NodeProto, layer: BatchNormParams, constant
     Its four parameters must be the layer's own values (bit for bit: they are the same float32
     variables). A 2-D input reaches the kernel as (N, C, 1, 1) between two Reshapes; BN on (N, C)
     is the same operation, so the Reshapes go and the node sees the Dense output directly, which
-    is what lets :func:`export.fold.fold_batchnorm` find the MatMul before it.
+    is what lets :func:`export.onnx.fold.fold_batchnorm` find the MatMul before it.
     """
     for value, name in zip(layer.arrays(), bn.input[1:5], strict=True):
         got = constants.get(name)
