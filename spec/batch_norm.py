@@ -26,7 +26,8 @@ from spec._checks import (
     per_channel,
     positive_eps,
 )
-from spec.moments import ACCUMULATOR, channel_shape, moments, reduction_axes, values_per_channel
+from spec.arrays import AllReduceSum, identity, namespace
+from spec.moments import ACCUMULATOR, channel_shape, moments, reduction_axes, safe_count, values_per_channel
 
 
 def _affine(x: np.ndarray, axis: int, gamma, beta) -> tuple[np.ndarray, np.ndarray]:
@@ -36,13 +37,75 @@ def _affine(x: np.ndarray, axis: int, gamma, beta) -> tuple[np.ndarray, np.ndarr
     return gamma, beta
 
 
+def inference_affine(mean, var, gamma=None, beta=None, *, eps: float, xp=None):
+    """BN with fixed statistics as one per-channel affine map ``y = x * scale + shift`` (SPEC.md §3)::
+
+        scale = gamma / sqrt(var + eps),   shift = beta - mean * scale
+
+    ``gamma`` / ``beta`` None mean 1 / 0 (no scale, no center). Per-channel arrays in, per-channel
+    arrays out, any namespace ``xp``; export folds and fuses BN into neighbouring layers with it.
+    """
+    ns = namespace(xp)
+    scale = ns.rsqrt(var + eps)
+    if gamma is not None:
+        scale = gamma * scale
+    shift = -(mean * scale) if beta is None else beta - mean * scale
+    return scale, shift
+
+
+def normalize(centered, scale, beta=None):
+    """``y = (x - mean) * scale + beta`` from ``centered = x - mean`` and :func:`inference_affine`'s scale.
+
+    The same y as ``x * scale + shift``; subtracting the mean first keeps x's offset out of the
+    rounding (SPEC.md §8). Training passes the batch's statistics, inference the stored ones.
+    """
+    y = centered * scale
+    return y if beta is None else y + beta
+
+
 def _normalize(x: np.ndarray, axis: int, mean, var, gamma, beta, eps: float) -> np.ndarray:
     """y = gamma * (x - mean) / sqrt(var + eps) + beta, broadcast along ``axis``."""
     shape = channel_shape(x.ndim, axis)
-    inv_sigma = 1.0 / np.sqrt(var + eps)
-    xd = x.astype(ACCUMULATOR)
-    y = (xd - mean.reshape(shape)) * (gamma * inv_sigma).reshape(shape) + beta.reshape(shape)
+    scale, _ = inference_affine(mean, var, gamma, beta, eps=eps)
+    y = normalize(x.astype(ACCUMULATOR) - mean.reshape(shape), scale.reshape(shape), beta.reshape(shape))
     return y.astype(x.dtype)
+
+
+def backward_closed_form(
+    dy,
+    x_hat,
+    scale,
+    axes: tuple[int, ...],
+    *,
+    count,
+    weights=None,
+    all_reduce_sum: AllReduceSum = identity,
+    xp=None,
+):
+    """Training-mode gradients ``(dx, dgamma, dbeta)`` given ``dy`` and ``x_hat`` (SPEC.md §4, §7)::
+
+        dbeta  = sum_i dy_i,   dgamma = sum_i dy_i * x_hat_i
+        dx_i   = scale / m * (m * dy_i - w_i * DBETA - w_i * x_hat_i * DGAMMA)
+
+    where DBETA, DGAMMA are dbeta, dgamma summed over replicas by ``all_reduce_sum``: every x_i
+    moves the shared statistics. The returned ``dgamma``, ``dbeta`` are this replica's own sums,
+    the gradient of its own loss; the optimizer's cross-replica gradient sum adds them up.
+
+    with ``scale = gamma / sigma`` (keepdims), ``m = count`` (keepdims; the weights' sum where
+    masked, all replicas' values where synchronized) and ``w`` the mask (1 without one). Sums run
+    over every position, masked ones included, as every framework normalizes those too; a masked
+    position gets ``scale * dy`` (the statistics do not depend on it). ``dgamma`` and ``dbeta`` keep
+    the reduced axes (size 1). A channel without values divides by 1, not 0.
+    """
+    ns = namespace(xp)
+    dbeta, dgamma = ns.sum(dy, axis=axes, keepdims=True), ns.sum(dy * x_hat, axis=axes, keepdims=True)
+    total_dbeta, total_dgamma = all_reduce_sum([dbeta, dgamma])
+    m = safe_count(count, ns)
+    if weights is None:
+        dx = scale / m * (m * dy - total_dbeta - x_hat * total_dgamma)
+    else:
+        dx = scale / m * (m * dy - weights * total_dbeta - weights * x_hat * total_dgamma)
+    return dx, dgamma, dbeta
 
 
 def batch_norm_train(
@@ -110,11 +173,9 @@ def batch_norm_backward(dy, x, gamma, *, axis: int = 1, eps: float = 1e-5) -> tu
         raise ValueError(f"training needs more than one value per channel, got {int(np.min(count))}")
     axes = reduction_axes(x.ndim, axis)
     shape = channel_shape(x.ndim, axis)
-    inv_sigma = 1.0 / np.sqrt(var + eps)
+    inv_sigma, _ = inference_affine(mean, var, eps=eps)
     x_hat = (x.astype(ACCUMULATOR) - mean.reshape(shape)) * inv_sigma.reshape(shape)
-    dyd = dy.astype(ACCUMULATOR)
-    dbeta = dyd.sum(axis=axes)
-    dgamma = (dyd * x_hat).sum(axis=axes)
-    m = count.reshape(shape)
-    dx = (gamma * inv_sigma).reshape(shape) / m * (m * dyd - dbeta.reshape(shape) - x_hat * dgamma.reshape(shape))
+    scale = (gamma * inv_sigma).reshape(shape)
+    dx, dgamma, dbeta = backward_closed_form(dy.astype(ACCUMULATOR), x_hat, scale, axes, count=count.reshape(shape))
+    dgamma, dbeta = dgamma.reshape(-1), dbeta.reshape(-1)
     return dx.astype(x.dtype), dgamma, dbeta

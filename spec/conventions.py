@@ -13,13 +13,22 @@ own source; see SPEC.md for the full table.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
-from spec._checks import as_float_array, batch_counter, non_negative_counts, non_negative_variance, real_number
+from spec._checks import (
+    as_float_array,
+    batch_counter,
+    non_negative_counts,
+    non_negative_variance,
+    positive_eps,
+    real_number,
+)
+from spec.arrays import namespace
 from spec.moments import ACCUMULATOR
 
 
@@ -130,6 +139,27 @@ def list_conventions() -> list[Convention]:
     return list(CONVENTIONS.values())
 
 
+class Hyperparameters(NamedTuple):
+    """Validated hyperparameters: the convention's record, momentum (None: torch's cumulative average), eps."""
+
+    convention: Convention
+    momentum: float | None
+    eps: float
+
+
+def check_hyperparameters(convention: str, momentum=DEFAULT, eps=DEFAULT) -> Hyperparameters:
+    """The one check of (convention, momentum, eps) every implementation runs; defaults from the convention.
+
+    A ``ValueError`` names the problem: an unknown convention, a momentum that is not a number
+    in [0, 1] (SPEC.md §5), ``None`` where the convention has no cumulative average, an ``eps``
+    that is not a finite number > 0 (SPEC.md §1).
+    """
+    conv = get_convention(convention)
+    momentum = _check_momentum(conv, conv.default_momentum if momentum is DEFAULT else momentum)
+    eps = positive_eps(conv.default_eps if eps is DEFAULT else eps)
+    return Hyperparameters(conv, momentum, eps)
+
+
 def _check_momentum(conv: Convention, momentum) -> float | None:
     if momentum is None:
         if conv.counter != "cumulative":
@@ -144,38 +174,78 @@ def _check_momentum(conv: Convention, momentum) -> float | None:
     return value
 
 
-def _caffe_scale_factor(f: float, n: int) -> float:
+def _caffe_scale_factor(f: float, n, xp=None):
     """Caffe's scale factor after n batches, s_n = sum_{k<n} f^k = (1 - f^n) / (1 - f).
 
     Written as -expm1(n * log1p(-d)) / d with d = 1 - f (exact for f >= 0.5): the textbook form
     loses ~1e-16 / (n * d) relative to cancellation in 1 - f^n, i.e. 1e-11 for f = 0.99999.
+    ``n`` is an int (xp None) or a float tensor of namespace ``xp``.
     """
     if f == 1.0:
-        return float(n)
-    if f == 0.0:  # only the newest batch counts (0^0 = 1)
-        return 1.0 if n > 0 else 0.0
+        return float(n) if xp is None else n
+    if f == 0.0:  # only the newest batch counts (0^0 = 1); w = 1 / (0 * s + 1) = 1 whatever s is
+        return (1.0 if n > 0 else 0.0) if xp is None else 0.0 * n
     d = 1.0 - f
-    return -math.expm1(n * math.log1p(-d)) / d
+    if xp is None:
+        return -math.expm1(n * math.log1p(-d)) / d
+    return -namespace(xp).expm1(n * math.log1p(-d)) / d
 
 
-def new_value_weight(conv: Convention, momentum: float | None, num_batches_tracked=None) -> float:
-    """The weight ``w`` on the batch statistic in ``new = (1 - w) * old + w * batch``."""
+def needs_counter(conv: Convention, momentum: float | None) -> bool:
+    """Whether the weight depends on the number of batches seen (torch ``momentum=None``, Caffe)."""
+    return momentum is None or conv.counter == "scale_factor"
+
+
+def new_value_weight(conv: Convention, momentum: float | None, num_batches_tracked=None, *, xp=None):
+    """The weight ``w`` on the batch statistic in ``new = (1 - w) * old + w * batch`` (SPEC.md §5).
+
+        keras, onnx, tf1, caffe-free forms:  w = 1 - momentum ("old")  or  w = momentum ("new")
+        torch momentum=None:                  w = 1 / (n + 1)
+        caffe (f = momentum):                 w = 1 / (f * s_n + 1),  s_n = -expm1(n * log1p(-(1 - f))) / (1 - f)
+
+    ``n = num_batches_tracked`` counts the batches seen before this one. With ``xp`` None or numpy
+    it is an integer and ``w`` a Python float; with another namespace (``keras.ops``, ``torch``) it
+    may be a float tensor (cast it to the precision wanted: float64 keeps Caffe's 1 - f^n exact to
+    1e-16) and ``w`` is a tensor where it depends on it.
+    """
     if momentum is None and conv.counter != "cumulative":
         raise ValueError(f"momentum=None (cumulative average) is only defined for 'torch', not {conv.name!r}")
-    # A counter that is given is checked even where unused: a float or negative count is a caller's bug.
-    n = None if num_batches_tracked is None else batch_counter(num_batches_tracked)
-    # torch's counter matters only for momentum=None; with a fixed momentum its weight is constant.
-    if (momentum is None or conv.counter == "scale_factor") and n is None:
+    if not needs_counter(conv, momentum):
+        if num_batches_tracked is not None and namespace(xp).xp is np:
+            batch_counter(num_batches_tracked)  # a float or negative count is a caller's bug, even where unused
+        return momentum if conv.momentum_weights == "new" else 1.0 - momentum
+    if num_batches_tracked is None:
         raise ValueError(f"convention {conv.name!r} needs num_batches_tracked (batches seen before this one)")
+    if namespace(xp).xp is np:
+        n = batch_counter(num_batches_tracked)
+        scale_factor = _caffe_scale_factor
+    else:
+        n = num_batches_tracked
+        scale_factor = functools.partial(_caffe_scale_factor, xp=xp)
     if momentum is None:  # torch cumulative: counter incremented first, then w = 1 / count
-        return 1.0 / (n + 1)
-    if conv.counter == "scale_factor":
-        # Caffe keeps s_n = sum_{k<n} f^k; blob_new = f*blob + stat, s_new = f*s + 1, and the
-        # stored statistic is blob / s. Dividing out gives w = 1 / (f * s_n + 1).
-        f = momentum
-        s = _caffe_scale_factor(f, n)
-        return 1.0 / (f * s + 1.0)
-    return momentum if conv.momentum_weights == "new" else 1.0 - momentum
+        return 1.0 / (n + 1.0)
+    # Caffe keeps s_n = sum_{k<n} f^k; blob_new = f*blob + stat, s_new = f*s + 1, and the
+    # stored statistic is blob / s. Dividing out gives w = 1 / (f * s_n + 1).
+    f = momentum
+    return 1.0 / (f * scale_factor(f, n) + 1.0)
+
+
+def variance_for_update(conv: Convention, var, count, *, xp=None):
+    """The variance a convention feeds its moving average (SPEC.md §5): the biased batch variance,
+    or Bessel's unbiased ``var * m / (m - 1)`` where the convention stores that.
+
+    ``count`` is ``m``, values per channel. Where ``m <= 1`` the unbiased form is undefined: the
+    factor there is finite but meaningless, and callers leave such channels unchanged.
+    """
+    if conv.running_variance == "biased":
+        return var
+    ns = namespace(xp)
+    return var * count / ns.where(count > 1.0, count - 1.0, 1.0)
+
+
+def moving_average(old, batch, weight):
+    """``new = (1 - w) * old + w * batch``: every convention's update (SPEC.md §5), any namespace."""
+    return (1.0 - weight) * old + weight * batch
 
 
 def update_running_stats(
@@ -204,8 +274,7 @@ def update_running_stats(
     PyTorch does; the caller's counter follows PyTorch too (torch's ``num_batches_tracked``
     still increments; Caffe's scale factor does not, see SPEC.md).
     """
-    conv = get_convention(convention)
-    momentum = _check_momentum(conv, conv.default_momentum if momentum is DEFAULT else momentum)
+    conv, momentum, _ = check_hyperparameters(convention, momentum)
     running_mean = as_float_array(running_mean, "running_mean").astype(ACCUMULATOR)
     running_var = as_float_array(running_var, "running_var").astype(ACCUMULATOR)
     batch_mean = as_float_array(batch_mean, "batch_mean").astype(ACCUMULATOR)
@@ -226,18 +295,16 @@ def update_running_stats(
             raise ValueError(
                 f"an unbiased running variance ({conv.name!r}) needs count > 1 (or 0, an empty batch), got {count}"
             )
-        with np.errstate(invalid="ignore", divide="ignore"):
-            batch_var = batch_var * count / (count - 1.0)
+        with np.errstate(invalid="ignore"):
+            batch_var = variance_for_update(conv, batch_var, count)
     elif np.any((count < 1) & ~empty):
         raise ValueError(f"count must be >= 1 (or 0, an empty batch), got {count}")
     w = new_value_weight(conv, momentum, num_batches_tracked)
+    new_mean, new_var = moving_average(running_mean, batch_mean, w), moving_average(running_var, batch_var, w)
     if not np.any(empty):
-        return (1.0 - w) * running_mean + w * batch_mean, (1.0 - w) * running_var + w * batch_var
+        return new_mean, new_var
     # An empty batch's statistics are NaN (no values): select, don't multiply by w = 0.
-    with np.errstate(invalid="ignore"):
-        new_mean = np.where(empty, running_mean, (1.0 - w) * running_mean + w * batch_mean)
-        new_var = np.where(empty, running_var, (1.0 - w) * running_var + w * batch_var)
-    return new_mean, new_var
+    return np.where(empty, running_mean, new_mean), np.where(empty, running_var, new_var)
 
 
 def convert_momentum(value: float, src: str, dst: str) -> float:

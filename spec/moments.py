@@ -10,10 +10,12 @@ in float64, and replica statistics are merged by Chan et al. (1979) from (count,
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from spec._checks import as_float_array, channel_axis, mask_weights, non_negative_counts
+from spec.arrays import AllReduceSum, identity, namespace
 
 ACCUMULATOR = np.float64
 
@@ -43,35 +45,98 @@ def _broadcast_mask(mask, x: np.ndarray, axis: int) -> np.ndarray:
         raise ValueError(f"mask of shape {np.shape(mask)} does not broadcast to x of shape {x.shape}") from None
 
 
+class ShiftedMoments(NamedTuple):
+    """Per-channel statistics with keepdims shapes (broadcastable against x), from :func:`shifted_moments`."""
+
+    count: Any  # values per channel (the weights' sum where masked), summed over replicas
+    mean: Any  # shift + delta
+    var: Any  # biased
+    shift: Any  # the first-pass mean, a per-channel constant
+    delta: Any  # mean(x - shift): ``(x - shift) - delta`` is ``x - mean`` without rounding through ``mean``
+
+
+def safe_count(count, xp=None):
+    """``count`` with 0 replaced by 1: a channel without values divides 0 by 1, not by 0."""
+    ns = namespace(xp)
+    return ns.where(count > 0, count, 1.0)
+
+
+def shifted_moments(
+    x,
+    axes: tuple[int, ...],
+    *,
+    weights=None,
+    all_reduce_sum: AllReduceSum = identity,
+    refine: bool = True,
+    xp=None,
+) -> ShiftedMoments:
+    """Per-channel ``(count, mean, var)`` of ``x`` over ``axes`` by the shifted two-pass algorithm (SPEC.md §2, §7).
+
+    Chan, Golub & LeVeque (1983, eq. 1.7), around a shift shared by every replica::
+
+        round 1:  n = sum_r sum_i w_i,   shift = sum_r sum_i w_i x_i / n
+        round 2:  D1 = sum_r sum_i w_i (x_i - shift),   D2 = sum_r sum_i w_i (x_i - shift)^2
+        delta = D1 / n,   mean = shift + delta,   var = max(D2 / n - delta^2, 0)
+
+    ``delta`` corrects the rounding of ``shift`` (in float32, for x = 1e4 + 1e-2 * N(0, 1) that
+    rounding is ~1e-3, a 1% error in a variance of 1e-4), and ``E[x^2] - E[x]^2`` is never formed.
+    ``weights`` (None, or an array broadcast to x in x's dtype: the mask, 1 = use the value) are
+    selected, not only multiplied, so a masked-out NaN cannot poison its channel. ``all_reduce_sum``
+    sums a list of per-channel arrays over replicas (flax's ``axis_name``; the identity for one
+    replica); the result is the statistics of all replicas' values, exact for unequal batch sizes.
+    A channel without values gets mean = var = 0 (its ``count`` says so). Arithmetic in x's dtype.
+
+    ``refine=False`` drops ``delta`` (mean = shift, var = D2 / n, delta = 0): the plain two-pass
+    form, which the float64 reference and its golden vectors use (SPEC.md §10); in float64 the
+    two differ by rounding only, in float32 the refinement is what keeps §8's accuracy.
+    """
+    ns = namespace(xp)
+    if weights is None:
+        local_sum = ns.sum(x, axis=axes, keepdims=True)
+        local_count = ns.full_like(local_sum, ns.values_per_channel(x, axes))
+    else:
+        use = weights > 0
+        local_count = ns.sum(weights, axis=axes, keepdims=True)
+        local_sum = ns.sum(ns.where(use, weights * x, 0.0), axis=axes, keepdims=True)
+    count, total = all_reduce_sum([local_count, local_sum])
+    divisor = safe_count(count, ns)
+    shift = total / divisor
+    shifted = x - shift
+    if weights is not None:
+        shifted = ns.where(use, shifted, 0.0)
+        local_d1 = ns.sum(weights * shifted, axis=axes, keepdims=True) if refine else None
+        local_d2 = ns.sum(weights * shifted * shifted, axis=axes, keepdims=True)
+    else:
+        local_d1 = ns.sum(shifted, axis=axes, keepdims=True) if refine else None
+        local_d2 = ns.sum(shifted * shifted, axis=axes, keepdims=True)
+    if not refine:
+        (d2,) = all_reduce_sum([local_d2])
+        return ShiftedMoments(count, shift, d2 / divisor, shift, 0.0)
+    d1, d2 = all_reduce_sum([local_d1, local_d2])
+    delta = d1 / divisor
+    # D2 / n >= delta^2 exactly (Cauchy-Schwarz); the clamp only absorbs rounding.
+    var = ns.maximum(d2 / divisor - delta * delta, 0.0)
+    return ShiftedMoments(count, shift + delta, var, shift, delta)
+
+
 def moments(x, *, axis: int = 1, mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-channel ``(count, mean, var)`` of ``x``; ``var`` is the *biased* variance.
 
         count = sum_i w_i,   mean = sum_i w_i x_i / count,
-        var   = sum_i w_i (x_i - mean)^2 / count           (two passes, float64)
+        var   = sum_i w_i (x_i - mean)^2 / count     (:func:`shifted_moments`, plain two-pass, float64)
 
     ``w`` is ``mask`` (1 = use the value) or all ones. ``count`` is per channel (float64),
-    so masked and unmasked statistics have the same shape and merge the same way.
+    so masked and unmasked statistics have the same shape and merge the same way. A channel
+    with count 0 (an empty batch, SPEC.md §9) has NaN mean and var: there are no values.
     """
     x = as_float_array(x, "x")
     axis = channel_axis(x, axis)
     axes = reduction_axes(x.ndim, axis)
-    xd = x.astype(ACCUMULATOR)
-    if mask is None:
-        count = np.full(x.shape[axis], float(np.prod([x.shape[a] for a in axes])), ACCUMULATOR)
-        # An empty replica (batch 0) is legal input to merge_moments: count 0, NaN moments, no warning.
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = xd.sum(axis=axes) / count
-            centered = xd - mean.reshape(channel_shape(x.ndim, axis))
-            var = (centered * centered).sum(axis=axes) / count
-        return count, mean, var
-    w = _broadcast_mask(mask, x, axis)
-    count = w.sum(axis=axes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # A masked-out NaN must not poison the channel: select, don't multiply.
-        mean = np.where(w > 0, xd, 0.0).sum(axis=axes) / count
-        centered = np.where(w > 0, xd - mean.reshape(channel_shape(x.ndim, axis)), 0.0)
-        var = (w * centered * centered).sum(axis=axes) / count
-    return count, mean, var
+    weights = None if mask is None else _broadcast_mask(mask, x, axis)
+    stats = shifted_moments(x.astype(ACCUMULATOR), axes, weights=weights, refine=False)
+    count, mean, var = (np.reshape(np.broadcast_to(a, stats.shift.shape), -1) for a in stats[:3])
+    empty = count == 0
+    return count.copy(), np.where(empty, np.nan, mean), np.where(empty, np.nan, var)
 
 
 def merge_moments(parts: Iterable[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

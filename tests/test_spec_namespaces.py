@@ -1,0 +1,193 @@
+"""spec's array-generic formulas give the same numbers on NumPy, keras.ops and torch tensors.
+
+Oracles are independent of spec: NumPy's own float64 ``mean``/``var``, autograd of the textbook
+forward (torch), the hand-written affine map and the Python-number path of ``new_value_weight``
+(which the golden vectors pin). Inputs are float32 in [-3, 3] around an offset of 10, so every
+float32 result carries a relative rounding of a few ulp (6e-8 each) times the reduction depth:
+rtol 1e-5 and atol 1e-5 (values of order 1) leave a 10x margin and catch any wrong term.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import spec
+
+torch = pytest.importorskip("torch")
+keras = pytest.importorskip("keras")
+ops = keras.ops
+
+RTOL = ATOL = 1e-5
+AXES = (0, 2)  # (N, C, L): channels on axis 1
+NAMESPACES = {
+    "numpy": (np, np.asarray),
+    "keras": (ops, ops.convert_to_tensor),
+    "torch": (torch, torch.as_tensor),
+}
+
+
+def _numpy(a) -> np.ndarray:
+    return np.asarray(a.detach() if hasattr(a, "detach") else a, np.float64)
+
+
+@pytest.fixture
+def batch(rng) -> tuple[np.ndarray, np.ndarray]:
+    x = (10.0 + rng.uniform(-3, 3, (6, 3, 5))).astype(np.float32)
+    mask = np.broadcast_to(rng.random((6, 1, 5)) > 0.3, x.shape).astype(np.float32)
+    return x, mask
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("refine", [True, False], ids=["refined", "plain"])
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_shifted_moments_match_numpy_float64(name, refine, masked, batch):
+    xp, tensor = NAMESPACES[name]
+    x, mask = batch
+    weights = mask if masked else np.ones_like(x)
+    stats = spec.shifted_moments(tensor(x), AXES, weights=tensor(mask) if masked else None, refine=refine, xp=xp)
+    xd, wd = x.astype(np.float64), weights.astype(np.float64)
+    count = wd.sum(axis=AXES)
+    mean = (wd * xd).sum(axis=AXES) / count
+    var = (wd * (xd - mean[None, :, None]) ** 2).sum(axis=AXES) / count
+    for got, want in ((stats.count, count), (stats.mean, mean), (stats.var, var)):
+        np.testing.assert_allclose(_numpy(got).reshape(-1) * np.ones(3), want, rtol=RTOL, atol=ATOL)
+
+
+def _two_replicas(work):
+    """Run ``work(rank, all_reduce_sum)`` for ranks 0 and 1 in threads that exchange sums like a collective."""
+    barrier, posted, results = threading.Barrier(2, timeout=30), [None, None], [None, None]
+
+    def replica(rank: int) -> None:
+        def all_reduce_sum(values):
+            posted[rank] = values
+            barrier.wait()
+            total = [a + b for a, b in zip(*posted, strict=True)]
+            barrier.wait()  # neither replica posts its next round before both have read this one
+            return total
+
+        results[rank] = work(rank, all_reduce_sum)
+
+    threads = [threading.Thread(target=replica, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_shifted_moments_sum_over_replicas(batch):
+    """Two replicas of unequal size (2 and 4 rows) exchanging sums equal one batch of both."""
+    x, _ = batch
+    parts = [torch.as_tensor(x[:2]), torch.as_tensor(x[2:])]
+    results = _two_replicas(
+        lambda rank, reduce: spec.shifted_moments(parts[rank], AXES, all_reduce_sum=reduce, xp=torch)
+    )
+    xd = x.astype(np.float64)
+    for stats in results:
+        np.testing.assert_allclose(_numpy(stats.count).reshape(-1), np.full(3, 30.0))
+        np.testing.assert_allclose(_numpy(stats.mean).reshape(-1), xd.mean(axis=AXES), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(_numpy(stats.var).reshape(-1), xd.var(axis=AXES), rtol=RTOL, atol=ATOL)
+
+
+def _autograd_reference(x, gamma, dy, mask, eps):
+    """Oracle: torch autograd (float64) through y = gamma * (x - mean) / sqrt(var + eps), weighted moments."""
+    w = torch.as_tensor(mask, dtype=torch.float64)
+    xt = torch.as_tensor(x, dtype=torch.float64).requires_grad_()
+    gt = torch.as_tensor(gamma, dtype=torch.float64).requires_grad_()
+    count = w.sum(dim=AXES, keepdim=True)
+    mean = (w * xt).sum(dim=AXES, keepdim=True) / count
+    var = (w * (xt - mean) ** 2).sum(dim=AXES, keepdim=True) / count
+    inv_sigma = torch.rsqrt(var + eps)
+    y = gt.view(1, -1, 1) * (xt - mean) * inv_sigma
+    y.backward(torch.as_tensor(dy, dtype=torch.float64))
+    x_hat = ((xt - mean) * inv_sigma).detach().float().numpy()
+    scale = (gt.view(1, -1, 1) * inv_sigma).detach().float().numpy()
+    return x_hat, scale, count.float().numpy(), xt.grad.numpy(), gt.grad.numpy()
+
+
+def test_backward_closed_form_over_replicas(batch, rng):
+    """dx from global sums on each replica; each replica's dgamma/dbeta are its own, and add up to the total."""
+    x, _ = batch
+    gamma = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    x_hat, scale, count, dx_want, dgamma_want = _autograd_reference(x, gamma, dy, np.ones_like(x), 1e-3)
+    rows = [slice(0, 2), slice(2, None)]
+
+    def work(rank, reduce):
+        part = rows[rank]
+        args = (torch.as_tensor(dy[part]), torch.as_tensor(x_hat[part]), torch.as_tensor(scale))
+        return spec.backward_closed_form(*args, AXES, count=torch.as_tensor(count), all_reduce_sum=reduce, xp=torch)
+
+    results = _two_replicas(work)
+    dx = np.concatenate([_numpy(r[0]) for r in results])
+    np.testing.assert_allclose(dx, dx_want, rtol=RTOL, atol=ATOL)
+    local_dgamma = [_numpy(r[1]).reshape(-1) for r in results]
+    np.testing.assert_allclose(
+        local_dgamma[0], (dy[:2] * x_hat[:2]).astype(np.float64).sum(axis=AXES), rtol=RTOL, atol=ATOL
+    )
+    np.testing.assert_allclose(sum(local_dgamma), dgamma_want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_backward_closed_form_matches_autograd(name, masked, batch, rng):
+    xp, tensor = NAMESPACES[name]
+    x, mask = batch
+    gamma = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    x_hat, scale, count, dx_want, dgamma_want = _autograd_reference(
+        x, gamma, dy, mask if masked else np.ones_like(x), 1e-3
+    )
+    dx, dgamma, dbeta = spec.backward_closed_form(
+        tensor(dy),
+        tensor(x_hat),
+        tensor(scale),
+        AXES,
+        count=tensor(count),
+        weights=tensor(mask) if masked else None,
+        xp=xp,
+    )
+    np.testing.assert_allclose(_numpy(dx), dx_want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_numpy(dgamma).reshape(-1), dgamma_want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_numpy(dbeta).reshape(-1), dy.astype(np.float64).sum(axis=AXES), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("centered", [False, True], ids=["no-beta", "beta"])
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_inference_affine_is_the_hand_written_map(name, centered, rng):
+    xp, tensor = NAMESPACES[name]
+    mean, gamma, beta = (rng.uniform(-2, 2, 4).astype(np.float32) for _ in range(3))
+    var = rng.uniform(0.0, 3.0, 4).astype(np.float32)
+    scale, shift = spec.inference_affine(
+        tensor(mean), tensor(var), tensor(gamma), tensor(beta) if centered else None, eps=1e-5, xp=xp
+    )
+    want_scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + 1e-5)
+    want_shift = (beta if centered else 0.0) - mean.astype(np.float64) * want_scale
+    np.testing.assert_allclose(_numpy(scale), want_scale, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_numpy(shift), want_shift, rtol=RTOL, atol=ATOL)
+
+
+WEIGHTS = [("caffe", 0.999, 7), ("caffe", 0.5, 3), ("caffe", 1.0, 4), ("caffe", 0.0, 2), ("torch", None, 9)]
+
+
+@pytest.mark.parametrize(("convention", "momentum", "n"), WEIGHTS, ids=[f"{c}-{m}-n{n}" for c, m, n in WEIGHTS])
+@pytest.mark.parametrize("name", ["keras", "torch"])
+def test_new_value_weight_on_a_counter_tensor_equals_the_number_path(name, convention, momentum, n):
+    """float64 counter tensors (the layers' num_batches_tracked) give the Python path's weight to 1e-15."""
+    xp, tensor = NAMESPACES[name]
+    conv = spec.get_convention(convention)
+    got = spec.new_value_weight(conv, momentum, tensor(np.float64(n)), xp=xp)
+    np.testing.assert_allclose(_numpy(got), spec.new_value_weight(conv, momentum, n), rtol=1e-15)
+
+
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_variance_for_update_applies_bessel_where_the_convention_does(name):
+    xp, tensor = NAMESPACES[name]
+    var, count = tensor(np.array([2.0, 2.0])), tensor(np.array([2.0, 5.0]))
+    unbiased = spec.variance_for_update(spec.get_convention("torch"), var, count, xp=xp)
+    np.testing.assert_array_equal(_numpy(unbiased), [4.0, 2.5])  # 2 * 2 / 1, 2 * 5 / 4: exact in binary
+    biased = spec.variance_for_update(spec.get_convention("keras"), var, count, xp=xp)
+    np.testing.assert_array_equal(_numpy(biased), [2.0, 2.0])
