@@ -1,25 +1,23 @@
-"""Batch Normalization for PyTorch written from the spec: forward, closed-form backward, PyTorch's bookkeeping.
+"""Batch Normalization for PyTorch on the spec's formulas: forward, closed-form backward, PyTorch's bookkeeping.
 
-The math is the spec's (``spec.batch_norm_train`` / ``spec.batch_norm_backward``, SPEC.md §2 and §4),
-per channel c over the m values that share it (over every replica's batch when synchronized, §7):
+The math is spec's own functions called on torch tensors (``xp=torch``; SPEC.md §2-§5, §7, §8),
+per channel c over the m values that share it (over every replica's batch when synchronized):
 
-    shift = mean(x),  c = x - shift,  d = mean(c)              (shifted two-pass moments, §8)
-    mu = shift + d,  var = mean(c^2) - d^2  (biased),  sigma = sqrt(var + eps)
-    x_hat = (x - mu) / sigma,  y = gamma * x_hat + beta
-    dbeta = sum(dy),  dgamma = sum(dy * x_hat),
-    dx = gamma / (m * sigma) * (m * dy - dbeta - x_hat * dgamma)
-    (forward mode, the transpose:  dy = gamma / sigma * (dx - mean(dx) - x_hat * mean(x_hat * dx))
-                                        + dgamma * x_hat + dbeta)
+    spec.shifted_moments       shift = mean(x), delta = mean(x - shift), mu = shift + delta,
+                               var = mean((x - shift)^2) - delta^2  (biased)
+    spec.inference_affine      scale = gamma / sqrt(var + eps), offset = beta - mean * scale
+    spec.normalize             y = (x - mean) * scale + beta
+    spec.backward_closed_form  dx = gamma / (m * sigma) * (m * dy - dbeta - x_hat * dgamma)
+    spec.new_value_weight, spec.variance_for_update, spec.moving_average   (the running statistics)
 
-computed in the input's dtype (float32 or float64; float16/bfloat16 are computed in float32 and
-cast back, as ATen does) with torch ops only, so ``torch.compile``, ``torch.jit.script``,
-``torch.fx`` and ``torch.func`` see ordinary tensor code. The shift is a first estimate of the
-mean; the residuals ``c`` are small numbers, so float32 input with ``|mean| >> std`` keeps the
-accuracy the spec gets from float64 accumulation (Chan, Golub & LeVeque 1983). Every sum can be
-taken over all replicas by an ``all_reduce_sum`` callable (``torch_ref.sync``); without one the
-layer is local. The backward works from the saved input and statistics (a few passes over x,
-no saved normalized copy); under ``create_graph=True`` it rebuilds the statistics from x with
-differentiable ops, so second derivatives are exact (``gradgradcheck``) rather than silently zero.
+This module adds only PyTorch's bookkeeping: the autograd Function, dtypes (float32 or float64;
+float16/bfloat16 are computed in float32 and cast back, as ATen does), checks and buffers. The
+shift keeps float32 input with ``|mean| >> std`` at the accuracy the spec gets from float64. Every
+sum can be taken over all replicas by an ``all_reduce_sum`` (``torch_ref.sync``); without one the
+layer is local. The backward rebuilds x_hat from the saved input and statistics; under
+``create_graph=True`` it recomputes the statistics from x with differentiable ops, so second
+derivatives are exact (``gradgradcheck``). The forward-mode derivative (jvp) is the transpose:
+``dy = gamma / sigma * (dx - mean(dx) - x_hat * mean(x_hat * dx)) + dgamma * x_hat + dbeta``.
 
 The moving statistics follow ``spec.update_running_stats`` in the layer's ``convention`` (default
 "torch": weight ``momentum`` on the new value, Bessel-corrected (unbiased) variance,
@@ -38,10 +36,10 @@ non-floating input raise ``ValueError`` / ``TypeError`` naming the problem inste
 ``RuntimeError`` / ``NotImplementedError``.
 
 Under program transforms (tests/test_torch_transforms.py): ``torch.compile`` uses the Function
-without its ``jvp`` (TorchDynamo refuses custom jvps); ``torch.jit.script`` cannot call a custom
-Function, so scripted code runs the same forward in plain ops and autograd derives its backward
-(conventions other than "torch" take their update coefficients from ``spec`` through
-``torch.jit.ignore``); ``torch.fx.symbolic_trace`` records ``batch_norm_module_forward`` as one
+without its ``jvp`` (TorchDynamo refuses custom jvps); ``torch.jit.script`` compiles the checks
+and bookkeeping and calls the spec formulas back in Python (``torch.jit.ignore``: TorchScript
+cannot compile namespace-generic code), so a scripted module runs but cannot be saved with
+``torch.jit.save``; ``torch.fx.symbolic_trace`` records ``batch_norm_module_forward`` as one
 call with the train/eval mode of tracing baked in (torch.nn's BN is an fx leaf module, ours is
 traced like user code).
 """
@@ -66,115 +64,68 @@ def _reduction_dims(x: Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
 
-def _replica_sums(sums: list[Tensor], all_reduce_sum: Any) -> list[Tensor]:
-    """``sums`` summed over every replica by one ``all_reduce_sum`` call (SPEC.md §7); None: this batch only.
+def _spec_all_reduce_sum(all_reduce_sum: Any) -> Any:
+    return spec.identity if all_reduce_sum is None else all_reduce_sum
 
-    ``all_reduce_sum`` is ``Callable[[Tensor], Tensor] | None``, typed ``Any`` because TorchScript
-    has no callable arguments (scripted code is always local).
+
+def _statistics(x: Tensor, all_reduce_sum: Any = None) -> spec.ShiftedMoments:
+    """``spec.shifted_moments`` of NC... input over every dim but the channels (SPEC.md §2, §7, §8).
+
+    Keepdims ``(count, mean, var, shift, delta)``: the shift is a first estimate of the mean and
+    ``delta`` its correction, computed on the small residuals ``x - shift``, so float32 input with
+    ``|mean| >> std`` keeps the accuracy the spec gets from float64. Differentiable (the backward
+    under ``create_graph=True`` and the jvp call it again to rebuild the statistics from x).
     """
-    if not torch.jit.is_scripting():
-        if all_reduce_sum is not None:
-            return list(all_reduce_sum(torch.cat(sums)).split([s.numel() for s in sums]))
-    return sums
+    return spec.shifted_moments(x, _reduction_dims(x), all_reduce_sum=_spec_all_reduce_sum(all_reduce_sum), xp=torch)
 
 
-def _shifted_moments(x: Tensor, all_reduce_sum: Any = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(centered, d, mean, var, count)`` of NC... input per channel, by shifted two-pass moments (SPEC.md §8).
-
-        shift = sum(x) / n,  centered = x - shift,  d = sum(centered) / n
-        mean = shift + d,    var = sum(centered^2) / n - d^2    (biased; n and sums over all replicas)
-
-    In float32 the shift is off by ~ulp(|mean|) (5e-4 at 1e4); ``d`` is computed on small numbers,
-    so the mean comes back to ~ulp(std) and the variance carries no cancellation (spec/moments.py
-    gets the same accuracy from float64). ``count`` is a 0-d tensor; an empty batch gives NaN
-    statistics. Differentiable: the backward and jvp call it again to rebuild the statistics from x.
-    """
-    dims, shape = _reduction_dims(x), _channel_shape(x)
-    local_count = x.numel() // x.shape[1] if x.shape[1] else 0
-    sum_x, count = _replica_sums([x.sum(dim=dims), x.new_full([1], float(local_count))], all_reduce_sum)
-    shift = sum_x / count
-    centered = x - shift.view(shape)
-    sum_c, sum_c2 = _replica_sums([centered.sum(dim=dims), (centered * centered).sum(dim=dims)], all_reduce_sum)
-    d = sum_c / count
-    var = (sum_c2 / count - d * d).clamp_min(0.0)  # >= 0 in exact arithmetic; rounding may dip below
-    return centered, d, shift + d, var, count.view([])
+def _keepdims(parameter: Tensor | None, x: Tensor) -> Tensor | None:
+    return None if parameter is None else _as(parameter, x.dtype).view(_channel_shape(x))
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _normalized_affine(
-    centered: Tensor, d: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor]:
-    """``(y, inv_sigma)``: ``y = gamma * (centered - d) / sigma + beta`` as one scale and shift (SPEC.md §2).
+def _training_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, inv_sigma, count)``, statistics keepdims, y by spec's affine map (SPEC.md §2, §3).
 
-    Per channel ``scale = gamma / sigma`` and ``offset = beta - d * scale``, then ``y = centered *
-    scale + offset``, the same function of x as normalizing then scaling. Where autograd is not
-    recording (inside the Function) it runs in place on ``centered``, a temporary: on CPU a fresh
-    x-sized tensor costs more than the arithmetic.
+    ``spec.inference_affine`` applied to (delta, var) gives ``scale = gamma / sigma`` and
+    ``offset = beta - delta * scale``, so ``y = (x - shift) * scale + offset = (x - mean) * scale + beta``
+    with the large shift subtracted before any rounding of the scaled values (SPEC.md §8).
     """
-    shape = _channel_shape(centered)
-    inv_sigma = torch.rsqrt(var + eps)
-    scale = inv_sigma if weight is None else inv_sigma * _as(weight, centered.dtype)
-    offset = -d * scale if bias is None else _as(bias, centered.dtype) - d * scale
-    if torch.is_grad_enabled():
-        return centered * scale.view(shape) + offset.view(shape), inv_sigma
-    return centered.mul_(scale.view(shape)).add_(offset.view(shape)), inv_sigma
-
-
-def _closed_form_backward(
-    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv_sigma: Tensor, count: Tensor, all_reduce_sum: Any
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, local dgamma, local dbeta)`` of ``spec.batch_norm_backward`` (SPEC.md §4), dgamma/dbeta global in dx.
-
-        dx = a * dy + b * (x - mean) + c,  a = gamma / sigma,  b = -a * dgamma / (m * sigma),  c = -a * dbeta / m
-
-    (the closed form with x_hat = (x - mean) / sigma folded into per-channel coefficients). The
-    returned dgamma/dbeta are this replica's own sums, as ``torch.nn.SyncBatchNorm`` returns them
-    (DistributedDataParallel all-reduces parameter grads).
-    """
-    dims, shape = _reduction_dims(dy), _channel_shape(dy)
-    x_centered = x - mean.view(shape)
-    local_dbeta = dy.sum(dim=dims)
-    local_dgamma = (dy * x_centered).sum(dim=dims) * inv_sigma
-    if x.numel() == 0:  # sums over no values are 0 (SPEC.md §9), also where inv_sigma is NaN
-        local_dgamma = torch.zeros_like(local_dbeta)
-    dbeta, dgamma = _replica_sums([local_dbeta, local_dgamma], all_reduce_sum)
-    a = inv_sigma if weight is None else _as(weight, dy.dtype) * inv_sigma
-    b = -a * inv_sigma * dgamma / count
-    c = -a * dbeta / count
-    a, b, c = a.view(shape), b.view(shape), c.view(shape)
-    if torch.is_grad_enabled():  # create_graph=True: out of place, so autograd can differentiate it
-        return dy * a + x_centered * b + c, local_dgamma, local_dbeta
-    # In place on the temporary x_centered: no further x-sized allocation (see _normalized_affine).
-    dx = x_centered.mul_(b).addcmul_(dy, a).add_(c)
-    return dx, local_dgamma, local_dbeta
+    stats = _statistics(x, all_reduce_sum)
+    scale, offset = spec.inference_affine(
+        stats.delta, stats.var, _keepdims(weight, x), _keepdims(bias, x), eps=eps, xp=torch
+    )
+    y = spec.normalize(x - stats.shift, scale, offset)
+    return y, stats.mean, stats.var, torch.rsqrt(stats.var + eps), stats.count
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Training-mode BN with the closed-form backward of ``spec.batch_norm_backward``, local or synchronized.
+    """Training-mode BN with spec's closed-form backward (``spec.backward_closed_form``), local or synchronized.
 
-    ``forward(x, weight, bias, eps, all_reduce_sum)`` returns ``(y, mean, var, inv_sigma, count)``;
-    only ``y`` is differentiable: the statistics' dependence on x is already inside the closed-form
-    dx. ``setup_context`` and ``generate_vmap_rule`` make it usable under ``torch.func`` (grad,
-    jacrev, vmap, jvp). With an ``all_reduce_sum`` every sum is global, and second derivatives are
-    refused (the backward's all-reduce is not itself differentiated).
+    ``forward(x, weight, bias, eps, all_reduce_sum)`` returns ``(y, mean, var, inv_sigma, count)``
+    (statistics per channel, keepdims); only ``y`` is differentiable: the statistics' dependence
+    on x is already inside the closed-form dx. ``setup_context`` and ``generate_vmap_rule`` make it
+    usable under ``torch.func`` (grad, jacrev, vmap, jvp). With an ``all_reduce_sum`` every sum is
+    global, and second derivatives are refused (the backward's all-reduce is not differentiated).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any = None):
-        centered, d, mean, var, count = _shifted_moments(x, all_reduce_sum)
-        y, inv_sigma = _normalized_affine(centered, d, var, weight, bias, eps)
-        return y, mean, var, inv_sigma, count
+        return _training_forward(x, weight, bias, eps, all_reduce_sum)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, eps, all_reduce_sum = inputs
         _, mean, var, inv_sigma, count = output
         ctx.eps, ctx.all_reduce_sum = eps, all_reduce_sum
+        ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors for them
         ctx.bias_dtype = None if bias is None else bias.dtype
         # x (an input) rather than a normalized copy: saved inputs keep their graph, so the
         # backward below is itself differentiable and double backward is exact.
@@ -184,15 +135,27 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor, *_statistics_grads: Tensor):
+        if dy is None:  # y unused (grads are not materialized)
+            return None, None, None, None, None
         x, weight, mean, inv_sigma, count = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the statistics as differentiable functions of x
             if ctx.all_reduce_sum is not None:
                 raise RuntimeError("second derivatives through a synchronized BN (all_reduce_sum) are not supported")
-            _, _, mean, var, count = _shifted_moments(x)
-            inv_sigma = torch.rsqrt(var + ctx.eps)
-        dx, dgamma, dbeta = _closed_form_backward(dy, x, weight, mean, inv_sigma, count, ctx.all_reduce_sum)
-        dweight = dgamma.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = dbeta.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+            stats = _statistics(x)
+            mean, count, inv_sigma = stats.mean, stats.count, torch.rsqrt(stats.var + ctx.eps)
+        x_hat = spec.normalize(x - mean, inv_sigma)
+        scale = inv_sigma if weight is None else _keepdims(weight, x) * inv_sigma
+        dx, dgamma, dbeta = spec.backward_closed_form(
+            dy,
+            x_hat,
+            scale,
+            _reduction_dims(x),
+            count=count,
+            all_reduce_sum=_spec_all_reduce_sum(ctx.all_reduce_sum),
+            xp=torch,
+        )
+        dweight = dgamma.view(-1).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = dbeta.view(-1).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx if ctx.needs_input_grad[0] else None, dweight, dbias, None, None
 
 
@@ -201,25 +164,26 @@ class _BatchNormTrainWithJvp(_BatchNormTrain):
 
     Separate because TorchDynamo refuses a Function with a custom ``jvp`` (torch 2.13,
     "Unsupported custom jvp"): ``torch.compile`` gets ``_BatchNormTrain``, eager code this one.
+    The tangent is the transpose of the closed-form backward (module docstring).
     """
 
     @staticmethod
     def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, *_):
         x, weight = ctx.saved_tensors
-        centered, d, _, var, _ = _shifted_moments(x)
-        dims, shape = _reduction_dims(x), _channel_shape(x)
-        inv_sigma = torch.rsqrt(var + ctx.eps).view(shape)
-        x_hat = (centered - d.view(shape)) * inv_sigma
+        stats = _statistics(x)
+        dims = _reduction_dims(x)
+        inv_sigma = torch.rsqrt(stats.var + ctx.eps)
+        x_hat = spec.normalize(x - stats.mean, inv_sigma)
         dy = torch.zeros_like(x_hat)
         if dx is not None:
             dx_hat = inv_sigma * (
                 dx - dx.mean(dim=dims, keepdim=True) - x_hat * (x_hat * dx).mean(dim=dims, keepdim=True)
             )
-            dy = dx_hat if weight is None else dx_hat * weight.to(x.dtype).view(shape)
+            dy = dx_hat if weight is None else dx_hat * _keepdims(weight, x)
         if dweight is not None:
-            dy = dy + x_hat * dweight.to(x.dtype).view(shape)
+            dy = dy + x_hat * _keepdims(dweight, x)
         if dbias is not None:
-            dy = dy + dbias.to(x.dtype).view(shape)
+            dy = dy + _keepdims(dbias, x)
         return dy, None, None, None, None  # the statistics are non-differentiable outputs
 
 
@@ -227,32 +191,19 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype == torch.float32 or x.dtype == torch.float64 else torch.float32
 
 
-def _batch_norm_train_ops(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The same forward without the custom Function, for TorchScript (which cannot call one).
-
-    Autograd derives its backward; it is the same function of x, so gradients agree to rounding.
-    """
-    centered, d, mean, var, _ = _shifted_moments(x)
-    y, _ = _normalized_affine(centered, d, var, weight, bias, eps)
-    return y, mean.detach(), var.detach()
-
-
+# torch.jit.ignore: TorchScript cannot compile spec's namespace-generic functions; scripted code
+# calls these back in Python (the module runs, but torch.jit.save cannot export it).
+@torch.jit.ignore
 def _train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, var, count)`` in x's dtype (statistics in the compute dtype): the one training entry point."""
-    compute = _compute_dtype(x)
-    xc = _as(x, compute)
-    if torch.jit.is_scripting():
-        y, mean, var = _batch_norm_train_ops(xc, weight, bias, eps)
-        count = torch.full([], float(x.numel() // x.shape[1] if x.shape[1] else 0), dtype=compute)
-    elif torch.compiler.is_compiling() or all_reduce_sum is not None:
+    """``(y, mean, var, count)``: y in x's dtype, per-channel statistics in the compute dtype, count 0-d."""
+    xc = _as(x, _compute_dtype(x))
+    if torch.compiler.is_compiling() or all_reduce_sum is not None:
         y, mean, var, _, count = _BatchNormTrain.apply(xc, weight, bias, eps, all_reduce_sum)
     else:
         y, mean, var, _, count = _BatchNormTrainWithJvp.apply(xc, weight, bias, eps, None)
-    return _as(y, x.dtype), mean, var, count
+    return _as(y, x.dtype), mean.view(-1), var.view(-1), count.view(-1)[0]
 
 
 def batch_norm_train(
@@ -263,35 +214,19 @@ def batch_norm_train(
     return y, mean, var
 
 
+@torch.jit.ignore
 def batch_norm_infer(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float = 1e-5
 ) -> Tensor:
-    """Inference-mode forward: ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with stored statistics."""
-    compute = _compute_dtype(x)
-    shape = _channel_shape(x)
-    scale = torch.rsqrt(var.to(compute) + eps)
-    if weight is not None:
-        scale = scale * weight.to(compute)
-    y = (x.to(compute) - mean.to(compute).view(shape)) * scale.view(shape)
-    if bias is not None:
-        y = y + bias.to(compute).view(shape)
-    return y.to(x.dtype)
+    """Inference-mode forward with stored statistics: ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` (§3)."""
+    xc = _as(x, _compute_dtype(x))
+    scale, _ = spec.inference_affine(
+        _keepdims(mean, xc), _keepdims(var, xc), _keepdims(weight, xc), None, eps=eps, xp=torch
+    )
+    return _as(spec.normalize(xc - _keepdims(mean, xc), scale, _keepdims(bias, xc)), x.dtype)
 
 
 @torch.jit.ignore
-def _spec_new_value_weight(convention: str, momentum: float | None, batches_before: int) -> float:
-    """``w`` of ``spec.new_value_weight`` for ``momentum`` in PyTorch's meaning, converted to the convention's."""
-    conv = spec.get_convention(convention)
-    if momentum is not None:
-        momentum = spec.convert_momentum(momentum, "torch", convention)
-    return spec.new_value_weight(conv, momentum, batches_before)
-
-
-@torch.jit.ignore
-def _spec_unbiased(convention: str) -> bool:
-    return spec.get_convention(convention).running_variance == "unbiased"
-
-
 def update_running_stats_(
     running_mean: Tensor,
     running_var: Tensor,
@@ -304,31 +239,25 @@ def update_running_stats_(
 ) -> None:
     """One ``spec.update_running_stats`` step in ``convention`` (SPEC.md §5), in place, float64 like ATen's CPU kernel.
 
-        w = the convention's weight on the new value (``spec.new_value_weight``; for "torch" with
-            momentum=None, 1 / num_batches_tracked after incrementing it)
-        running_mean = (1 - w) * running_mean + w * batch_mean
-        running_var  = (1 - w) * running_var  + w * batch_var * (count / (count - 1) if unbiased else 1)
-
-    ``momentum`` has PyTorch's meaning in every convention. The caller has already incremented
+    The weight (``spec.new_value_weight``), the variance fed in (``spec.variance_for_update``,
+    Bessel's ``count / (count - 1)`` where the convention is unbiased) and the average
+    (``spec.moving_average``) are spec's, on torch tensors. ``momentum`` has PyTorch's meaning in
+    every convention (converted by ``spec.convert_momentum``). The caller has already incremented
     ``num_batches_tracked`` (as torch.nn does, even for an empty batch); ``count`` must be > 1.
     """
+    conv = spec.get_convention(convention)
+    converted = None if momentum is None else spec.convert_momentum(momentum, "torch", convention)
     with torch.no_grad():
-        if convention == "torch":  # spec's torch row, kept in torch ops so TorchScript and torch.compile see it
-            weight, unbiased = momentum, True
-        else:
-            assert num_batches_tracked is not None, "a convention other than torch needs num_batches_tracked"
-            weight = _spec_new_value_weight(convention, momentum, int(num_batches_tracked) - 1)
-            unbiased = _spec_unbiased(convention)
+        batches_before = None
+        if spec.needs_counter(conv, converted):
+            assert num_batches_tracked is not None, f"convention {convention!r} needs num_batches_tracked"
+            batches_before = num_batches_tracked.to(torch.float64) - 1.0  # the caller counted this batch
+        weight = spec.new_value_weight(conv, converted, batches_before, xp=torch)
+        count64 = torch.tensor(float(count), dtype=torch.float64)
+        var_in = spec.variance_for_update(conv, batch_var.detach().to(torch.float64), count64, xp=torch)
         old = torch.stack([running_mean, running_var]).to(torch.float64)
-        new = torch.stack([batch_mean.detach(), batch_var.detach()]).to(torch.float64)
-        if unbiased:
-            new[1].mul_(count / (count - 1.0))
-        if weight is None:  # cumulative average (SPEC.md §5, torch momentum=None)
-            assert num_batches_tracked is not None, "momentum=None needs num_batches_tracked"
-            w = 1.0 / num_batches_tracked.to(torch.float64)
-            blended = w * new + (1.0 - w) * old
-        else:
-            blended = weight * new + (1.0 - weight) * old
+        new = torch.stack([batch_mean.detach().to(torch.float64), var_in])
+        blended = spec.moving_average(old, new, weight)
         running_mean.copy_(blended[0])
         running_var.copy_(blended[1])
 
@@ -444,11 +373,10 @@ def _check_arguments(
     # eps <= 0 is refused at forward time, in torch.nn's words (eps = 0 is legal in eval mode).
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite real number, got {eps!r}")
-    conv = spec.get_convention(convention)
-    if momentum is None:
-        spec.new_value_weight(conv, None, 0)  # raises where the convention has no cumulative average
-    else:
-        spec.convert_momentum(momentum, "torch", conv.name)
+    # momentum in PyTorch's meaning, as the convention's own (the convention name is checked first)
+    spec.check_hyperparameters(
+        convention, None if momentum is None else spec.convert_momentum(momentum, "torch", convention)
+    )
     for label, value in (("affine", affine), ("track_running_stats", track_running_stats), ("bias", bias)):
         if not isinstance(value, bool):
             raise TypeError(f"{label} must be a bool, got {value!r}")

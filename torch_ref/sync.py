@@ -26,18 +26,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from torch_ref.batch_norm import _BatchNorm, _train
 
 
-def all_reduce_sum(group=None) -> Callable[[Tensor], Tensor]:
-    """The cross-replica sum over ``group`` (default: the world): ``dist.all_reduce`` in place, returning its input."""
+def all_reduce_sum(group=None) -> Callable[[list[Tensor]], list[Tensor]]:
+    """spec's cross-replica sum over ``group`` (default: the world): one ``dist.all_reduce`` per call.
 
-    def sum_over_ranks(sums: Tensor) -> Tensor:
-        dist.all_reduce(sums, group=group)
-        return sums
+    Takes and returns a list of per-channel tensors (``spec.shifted_moments`` /
+    ``spec.backward_closed_form`` sum several at once), concatenated so each round is one collective.
+    """
+
+    def sum_over_ranks(sums: list[Tensor]) -> list[Tensor]:
+        flat = torch.cat([s.reshape(-1) for s in sums])
+        dist.all_reduce(flat, group=group)
+        parts = flat.split([s.numel() for s in sums])
+        return [part.view_as(s) for part, s in zip(parts, sums, strict=True)]
 
     return sum_over_ranks
 
