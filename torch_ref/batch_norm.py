@@ -1,6 +1,6 @@
 """Batch Normalization for PyTorch on the spec's formulas: forward, closed-form backward, PyTorch's bookkeeping.
 
-The math is spec's own functions called on torch tensors (``xp=torch``; SPEC.md §2-§5, §7, §8),
+The math is spec's own functions called on torch tensors (``xp=_TORCH``; SPEC.md §2-§5, §7, §8),
 per channel c over the m values that share it (over every replica's batch when synchronized):
 
     spec.shifted_moments       shift = mean(x), delta = mean(x - shift), mu = shift + delta,
@@ -53,6 +53,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 import spec
+import spec.arrays
 
 
 def _channel_shape(x: Tensor) -> list[int]:
@@ -62,6 +63,22 @@ def _channel_shape(x: Tensor) -> list[int]:
 
 def _reduction_dims(x: Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
+
+
+class _TorchNamespace(spec.arrays.Namespace):
+    """spec's namespace for torch, with a ``values_per_channel`` TorchDynamo traces inside an autograd.Function.
+
+    spec's version passes a generator to ``math.prod``; torch 2.13's Dynamo cannot trace a generator
+    inside a Function's forward ("LocalGeneratorObjectVariable"), so ``torch.compile(fullgraph=True)``
+    would break there. Same value, from a list.
+    """
+
+    def values_per_channel(self, x: Tensor, axes) -> float:
+        return float(math.prod([x.shape[a] for a in axes]))
+
+
+#: The array namespace every spec call here gets (``xp=``).
+_TORCH = _TorchNamespace(torch)
 
 
 def _spec_all_reduce_sum(all_reduce_sum: Any) -> Any:
@@ -76,7 +93,7 @@ def _statistics(x: Tensor, all_reduce_sum: Any = None) -> spec.ShiftedMoments:
     ``|mean| >> std`` keeps the accuracy the spec gets from float64. Differentiable (the backward
     under ``create_graph=True`` and the jvp call it again to rebuild the statistics from x).
     """
-    return spec.shifted_moments(x, _reduction_dims(x), all_reduce_sum=_spec_all_reduce_sum(all_reduce_sum), xp=torch)
+    return spec.shifted_moments(x, _reduction_dims(x), all_reduce_sum=_spec_all_reduce_sum(all_reduce_sum), xp=_TORCH)
 
 
 def _keepdims(parameter: Tensor | None, x: Tensor) -> Tensor | None:
@@ -98,7 +115,7 @@ def _training_forward(
     """
     stats = _statistics(x, all_reduce_sum)
     scale, offset = spec.inference_affine(
-        stats.delta, stats.var, _keepdims(weight, x), _keepdims(bias, x), eps=eps, xp=torch
+        stats.delta, stats.var, _keepdims(weight, x), _keepdims(bias, x), eps=eps, xp=_TORCH
     )
     y = spec.normalize(x - stats.shift, scale, offset)
     return y, stats.mean, stats.var, torch.rsqrt(stats.var + eps), stats.count
@@ -152,7 +169,7 @@ class _BatchNormTrain(torch.autograd.Function):
             _reduction_dims(x),
             count=count,
             all_reduce_sum=_spec_all_reduce_sum(ctx.all_reduce_sum),
-            xp=torch,
+            xp=_TORCH,
         )
         dweight = dgamma.view(-1).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         dbias = dbeta.view(-1).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
@@ -221,7 +238,7 @@ def batch_norm_infer(
     """Inference-mode forward with stored statistics: ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` (§3)."""
     xc = _as(x, _compute_dtype(x))
     scale, _ = spec.inference_affine(
-        _keepdims(mean, xc), _keepdims(var, xc), _keepdims(weight, xc), None, eps=eps, xp=torch
+        _keepdims(mean, xc), _keepdims(var, xc), _keepdims(weight, xc), None, eps=eps, xp=_TORCH
     )
     return _as(spec.normalize(xc - _keepdims(mean, xc), scale, _keepdims(bias, xc)), x.dtype)
 
@@ -252,9 +269,9 @@ def update_running_stats_(
         if spec.needs_counter(conv, converted):
             assert num_batches_tracked is not None, f"convention {convention!r} needs num_batches_tracked"
             batches_before = num_batches_tracked.to(torch.float64) - 1.0  # the caller counted this batch
-        weight = spec.new_value_weight(conv, converted, batches_before, xp=torch)
+        weight = spec.new_value_weight(conv, converted, batches_before, xp=_TORCH)
         count64 = torch.tensor(float(count), dtype=torch.float64)
-        var_in = spec.variance_for_update(conv, batch_var.detach().to(torch.float64), count64, xp=torch)
+        var_in = spec.variance_for_update(conv, batch_var.detach().to(torch.float64), count64, xp=_TORCH)
         old = torch.stack([running_mean, running_var]).to(torch.float64)
         new = torch.stack([batch_mean.detach().to(torch.float64), var_in])
         blended = spec.moving_average(old, new, weight)
