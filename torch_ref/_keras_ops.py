@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import spec
-from torch_ref.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_infer, batch_norm_train
+from torch_ref.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 SPATIAL_RANK = 4  # (N, H, W, C) in Keras, held as (N, C, H, W) here
 
@@ -341,80 +340,41 @@ class Identity(nn.Module):
         return x
 
 
-# --- Batch normalization with the Keras layer's convention ---
+# --- Batch normalization with the Keras layer's layout and trainable flag ---
 
 
-class _ConventionBatchNorm:
-    """torch_ref BN whose moving statistics update by a ``spec`` convention (Keras': biased variance).
+class _KerasLayerBatchNorm:
+    """torch_ref BN as a converted Keras BN layer: its channel axis, ``trainable`` flag and convention.
 
-    ``momentum`` keeps PyTorch's meaning (weight of the new batch, as converted by
-    ``spec.convert_momentum``); the update itself is ``spec.update_running_stats`` in the Keras
-    layer's convention, so Keras' biased running variance is kept. ``channel_dim`` is where the
-    Keras BN axis lives; ``frozen`` mirrors Keras' ``trainable=False`` (inference mode always).
-    The forward uses only torch_ref's public ``batch_norm_train`` / ``batch_norm_infer`` (the math);
-    this class is the bookkeeping torch_ref.BatchNorm*d cannot express (its variance is unbiased).
+    ``convention`` (set from the Keras layer, e.g. "keras": biased running variance) and ``momentum``
+    (PyTorch's meaning, converted by ``spec.convert_momentum``) are torch_ref.BatchNorm*d's own;
+    this class adds only ``channel_dim``, where the Keras BN axis lives, and ``frozen``, Keras'
+    ``trainable=False`` (inference mode always, also in ``fit``).
     """
 
-    convention: str = "torch"
     channel_dim: int = 1
     frozen: bool = False
-
-    @torch.no_grad()
-    def _update_by_convention(self, mean: Tensor, var: Tensor, count: int) -> None:
-        """One ``spec.update_running_stats`` step in the layer's convention, in float64 like ATen's CPU kernel."""
-        momentum = self.momentum
-        if momentum is not None:
-            momentum = spec.convert_momentum(float(momentum), "torch", self.convention)
-        new_mean, new_var = spec.update_running_stats(
-            self.running_mean.double().cpu().numpy(),
-            self.running_var.double().cpu().numpy(),
-            mean.double().cpu().numpy(),
-            var.double().cpu().numpy(),
-            count,
-            convention=self.convention,
-            momentum=momentum,
-            num_batches_tracked=int(self.num_batches_tracked),
-        )
-        self.running_mean.copy_(torch.from_numpy(new_mean))
-        self.running_var.copy_(torch.from_numpy(new_var))
-        self.num_batches_tracked.add_(1)
 
     def forward(self, x: Tensor) -> Tensor:
         moved = self.channel_dim != 1
         if moved:
             x = x.movedim(self.channel_dim, 1)
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) got {x.shape[1]} channels (input {tuple(x.shape)})"
-            )
-        if self.frozen or not self.training:
-            y = batch_norm_infer(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
-        else:
-            count = x.numel() // x.shape[1]
-            if count == 1:
-                raise ValueError(
-                    f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
-                )
-            y, mean, var = batch_norm_train(x, self.weight, self.bias, self.eps)
-            if count:
-                self._update_by_convention(mean, var, count)
-            else:  # an empty batch is counted but not averaged, as torch_ref.BatchNorm*d and SPEC.md say
-                self.num_batches_tracked.add_(1)
+        y = self._forward(x, self.training and not self.frozen)
         return y.movedim(1, self.channel_dim) if moved else y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, convention={self.convention!r}, channel_dim={self.channel_dim}"
 
 
-class KerasBatchNorm1d(_ConventionBatchNorm, BatchNorm1d):
+class KerasBatchNorm1d(_KerasLayerBatchNorm, BatchNorm1d):
     """A torch_ref.BatchNorm1d that updates its statistics by a Keras layer's convention."""
 
 
-class KerasBatchNorm2d(_ConventionBatchNorm, BatchNorm2d):
+class KerasBatchNorm2d(_KerasLayerBatchNorm, BatchNorm2d):
     """A torch_ref.BatchNorm2d that updates its statistics by a Keras layer's convention."""
 
 
-class KerasBatchNorm3d(_ConventionBatchNorm, BatchNorm3d):
+class KerasBatchNorm3d(_KerasLayerBatchNorm, BatchNorm3d):
     """A torch_ref.BatchNorm3d that updates its statistics by a Keras layer's convention."""
 
 

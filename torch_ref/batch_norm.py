@@ -1,28 +1,30 @@
-"""Batch Normalization for PyTorch written from the spec: forward, closed-form backward, PyTorch's bookkeeping.
+"""Batch Normalization for PyTorch on the spec's formulas: forward, closed-form backward, PyTorch's bookkeeping.
 
-The math is the spec's (``spec.batch_norm_train`` / ``spec.batch_norm_backward``, SPEC.md), per
-channel c over the m values that share it:
+The math is spec's own functions called on torch tensors (``xp=_TORCH``; SPEC.md §2-§5, §7, §8),
+per channel c over the m values that share it (over every replica's batch when synchronized):
 
-    mu = mean(x),  var = mean((x - mu)^2)  (two-pass, biased),  sigma = sqrt(var + eps)
-    x_hat = (x - mu) / sigma,  y = gamma * x_hat + beta
-    dbeta = sum(dy),  dgamma = sum(dy * x_hat),
-    dx = gamma / (m * sigma) * (m * dy - dbeta - x_hat * dgamma)
-    (forward mode, the transpose:  dy = gamma / sigma * (dx - mean(dx) - x_hat * mean(x_hat * dx))
-                                        + dgamma * x_hat + dbeta)
+    spec.shifted_moments       shift = mean(x), delta = mean(x - shift), mu = shift + delta,
+                               var = mean((x - shift)^2) - delta^2  (biased)
+    spec.inference_affine      scale = gamma / sqrt(var + eps), offset = beta - mean * scale
+    spec.normalize             y = (x - mean) * scale + beta
+    spec.backward_closed_form  dx = gamma / (m * sigma) * (m * dy - dbeta - x_hat * dgamma)
+    spec.new_value_weight, spec.variance_for_update, spec.moving_average   (the running statistics)
 
-computed in the input's dtype (float32 or float64; float16/bfloat16 are computed in float32 and
-cast back, as ATen does) with torch ops only, so ``torch.compile``, ``torch.jit.script``,
-``torch.fx`` and ``torch.func`` see ordinary tensor code. The mean is the *corrected* two-pass
-mean (a first estimate, then the mean of the residuals added back), so float32 input with
-``|mean| >> std`` keeps the accuracy the spec gets from float64 accumulation. The backward and
-the forward-mode derivative recompute ``x_hat`` from the saved input with differentiable ops, so
-second derivatives are exact (``gradgradcheck``) rather than silently zero.
+This module adds only PyTorch's bookkeeping: the autograd Function, dtypes (float32 or float64;
+float16/bfloat16 are computed in float32 and cast back, as ATen does), checks and buffers. The
+shift keeps float32 input with ``|mean| >> std`` at the accuracy the spec gets from float64. Every
+sum can be taken over all replicas by an ``all_reduce_sum`` (``torch_ref.sync``); without one the
+layer is local. The backward rebuilds x_hat from the saved input and statistics; under
+``create_graph=True`` it recomputes the statistics from x with differentiable ops, so second
+derivatives are exact (``gradgradcheck``). The forward-mode derivative (jvp) is the transpose:
+``dy = gamma / sigma * (dx - mean(dx) - x_hat * mean(x_hat * dx)) + dgamma * x_hat + dbeta``.
 
-The moving statistics follow ``spec.update_running_stats(convention="torch")``: weight
-``momentum`` on the new value, Bessel-corrected (unbiased) variance, ``momentum=None`` as a
-cumulative average over ``num_batches_tracked``; the arithmetic is float64, like ATen's CPU
-kernel. An empty training batch returns an empty output, leaves the statistics and increments
-the counter, as ``torch.nn`` does.
+The moving statistics follow ``spec.update_running_stats`` in the layer's ``convention`` (default
+"torch": weight ``momentum`` on the new value, Bessel-corrected (unbiased) variance,
+``momentum=None`` as a cumulative average over ``num_batches_tracked``); ``momentum`` keeps
+PyTorch's meaning (the weight of the new batch) in every convention and is converted by
+``spec.convert_momentum``. The arithmetic is float64, like ATen's CPU kernel. An empty training
+batch returns an empty output, leaves the statistics and increments the counter, as ``torch.nn`` does.
 
 The modules subclass ``torch.nn.modules.batchnorm._BatchNorm``, so ``isinstance`` checks,
 ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, ``torch.func.replace_all_batch_norm_modules_``
@@ -34,18 +36,24 @@ non-floating input raise ``ValueError`` / ``TypeError`` naming the problem inste
 ``RuntimeError`` / ``NotImplementedError``.
 
 Under program transforms (tests/test_torch_transforms.py): ``torch.compile`` uses the Function
-without its ``jvp`` (TorchDynamo refuses custom jvps); ``torch.jit.script`` cannot call a custom
-Function, so scripted code runs the same forward in plain ops and autograd derives its backward;
-``torch.fx.symbolic_trace`` records ``batch_norm_module_forward`` as one call with the train/eval
-mode of tracing baked in (torch.nn's BN is an fx leaf module, ours is traced like user code).
+without its ``jvp`` (TorchDynamo refuses custom jvps); ``torch.jit.script`` compiles the checks
+and bookkeeping and calls the spec formulas back in Python (``torch.jit.ignore``: TorchScript
+cannot compile namespace-generic code), so a scripted module runs but cannot be saved with
+``torch.jit.save``; ``torch.fx.symbolic_trace`` records ``batch_norm_module_forward`` as one
+call with the train/eval mode of tracing baked in (torch.nn's BN is an fx leaf module, ours is
+traced like user code).
 """
 
 import math
 import numbers
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+
+import spec
+import spec.arrays
 
 
 def _channel_shape(x: Tensor) -> list[int]:
@@ -57,153 +65,185 @@ def _reduction_dims(x: Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
 
-def _normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x_hat, inv_sigma, mean, var)`` of NC... input, per channel, by the corrected two-pass algorithm.
+class _TorchNamespace(spec.arrays.Namespace):
+    """spec's namespace for torch, with a ``values_per_channel`` TorchDynamo traces inside an autograd.Function.
 
-    The first pass estimates the mean; in float32 that estimate is off by ~ulp(|mean|) (5e-4 at
-    1e4). The mean of the residuals ``x - estimate`` is computed on small numbers, so adding it
-    back recovers the mean to ~ulp(std), and the variance is taken around the corrected mean
-    (Chan, Golub & LeVeque 1983, "corrected two-pass"; spec/moments.py gets the same accuracy from
-    float64). Differentiable: the backward and jvp call it again to rebuild x_hat from x.
+    spec's version passes a generator to ``math.prod``; torch 2.13's Dynamo cannot trace a generator
+    inside a Function's forward ("LocalGeneratorObjectVariable"), so ``torch.compile(fullgraph=True)``
+    would break there. Same value, from a list.
     """
-    dims, shape = _reduction_dims(x), _channel_shape(x)
-    estimate = x.mean(dim=dims, keepdim=True)
-    residual = x - estimate
-    correction = residual.mean(dim=dims, keepdim=True)
-    centered = residual - correction
-    var = (centered * centered).mean(dim=dims)
-    inv_sigma = torch.rsqrt(var + eps)
-    x_hat = centered * inv_sigma.view(shape)
-    mean = (estimate + correction).view(-1)
-    return x_hat, inv_sigma, mean, var
+
+    def values_per_channel(self, x: Tensor, axes) -> float:
+        return float(math.prod([x.shape[a] for a in axes]))
 
 
-def _affine(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    shape = _channel_shape(x_hat)
-    y = x_hat
-    if weight is not None:
-        y = y * weight.to(x_hat.dtype).view(shape)
-    if bias is not None:
-        y = y + bias.to(x_hat.dtype).view(shape)
-    return y
+#: The array namespace every spec call here gets (``xp=``).
+_TORCH = _TorchNamespace(torch)
+
+
+def _spec_all_reduce_sum(all_reduce_sum: Any) -> Any:
+    return spec.identity if all_reduce_sum is None else all_reduce_sum
+
+
+def _statistics(x: Tensor, all_reduce_sum: Any = None) -> spec.ShiftedMoments:
+    """``spec.shifted_moments`` of NC... input over every dim but the channels (SPEC.md §2, §7, §8).
+
+    Keepdims ``(count, mean, var, shift, delta)``: the shift is a first estimate of the mean and
+    ``delta`` its correction, computed on the small residuals ``x - shift``, so float32 input with
+    ``|mean| >> std`` keeps the accuracy the spec gets from float64. Differentiable (the backward
+    under ``create_graph=True`` and the jvp call it again to rebuild the statistics from x).
+    """
+    return spec.shifted_moments(x, _reduction_dims(x), all_reduce_sum=_spec_all_reduce_sum(all_reduce_sum), xp=_TORCH)
+
+
+def _keepdims(parameter: Tensor | None, x: Tensor) -> Tensor | None:
+    return None if parameter is None else _as(parameter, x.dtype).view(_channel_shape(x))
+
+
+def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _training_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, inv_sigma, count)``, statistics keepdims, y by spec's affine map (SPEC.md §2, §3).
+
+    ``spec.inference_affine`` applied to (delta, var) gives ``scale = gamma / sigma`` and
+    ``offset = beta - delta * scale``, so ``y = (x - shift) * scale + offset = (x - mean) * scale + beta``
+    with the large shift subtracted before any rounding of the scaled values (SPEC.md §8).
+    """
+    stats = _statistics(x, all_reduce_sum)
+    scale, offset = spec.inference_affine(
+        stats.delta, stats.var, _keepdims(weight, x), _keepdims(bias, x), eps=eps, xp=_TORCH
+    )
+    y = spec.normalize(x - stats.shift, scale, offset)
+    return y, stats.mean, stats.var, torch.rsqrt(stats.var + eps), stats.count
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Training-mode BN with the closed-form backward of ``spec.batch_norm_backward`` and its jvp.
+    """Training-mode BN with spec's closed-form backward (``spec.backward_closed_form``), local or synchronized.
 
-    Returns ``(y, mean, var)``; ``mean`` and ``var`` (biased) are not differentiable outputs: their
-    dependence on x is already inside the closed-form dx. ``setup_context`` and
-    ``generate_vmap_rule`` make it usable under ``torch.func`` (grad, jacrev, vmap, jvp).
+    ``forward(x, weight, bias, eps, all_reduce_sum)`` returns ``(y, mean, var, inv_sigma, count)``
+    (statistics per channel, keepdims); only ``y`` is differentiable: the statistics' dependence
+    on x is already inside the closed-form dx. ``setup_context`` and ``generate_vmap_rule`` make it
+    usable under ``torch.func`` (grad, jacrev, vmap, jvp). With an ``all_reduce_sum`` every sum is
+    global, and second derivatives are refused (the backward's all-reduce is not differentiated).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        x_hat, _, mean, var = _normalized(x, eps)
-        return _affine(x_hat, weight, bias), mean, var
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any = None):
+        return _training_forward(x, weight, bias, eps, all_reduce_sum)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, eps = inputs
-        _, mean, var = output
-        ctx.eps = eps
+        x, weight, bias, eps, all_reduce_sum = inputs
+        _, mean, var, inv_sigma, count = output
+        ctx.eps, ctx.all_reduce_sum = eps, all_reduce_sum
+        ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors for them
         ctx.bias_dtype = None if bias is None else bias.dtype
-        # x (an input) rather than x_hat (an intermediate): saved inputs keep their graph, so the
+        # x (an input) rather than a normalized copy: saved inputs keep their graph, so the
         # backward below is itself differentiable and double backward is exact.
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, mean, inv_sigma, count)
         ctx.save_for_forward(x, weight)
-        ctx.mark_non_differentiable(mean, var)
+        ctx.mark_non_differentiable(mean, var, inv_sigma, count)
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _dmean: Tensor, _dvar: Tensor):
-        x, weight = ctx.saved_tensors
-        x_hat, inv_sigma, _, _ = _normalized(x, ctx.eps)
-        dims, shape = _reduction_dims(dy), _channel_shape(dy)
-        m = dy.numel() // dy.shape[1] if dy.shape[1] else 0
-        dbeta = dy.sum(dim=dims)
-        dgamma = (dy * x_hat).sum(dim=dims)
-        dx = dweight = dbias = None
-        if ctx.needs_input_grad[0]:
-            scale = inv_sigma if weight is None else weight.to(dy.dtype) * inv_sigma
-            # spec.batch_norm_backward, written as mean(dy) and mean(dy * x_hat) (so m = 0 gives an empty dx).
-            dx = scale.view(shape) * (dy - (dbeta / max(m, 1)).view(shape) - x_hat * (dgamma / max(m, 1)).view(shape))
-        if weight is not None and ctx.needs_input_grad[1]:
-            dweight = dgamma.to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            dbias = dbeta.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None
+    def backward(ctx, dy: Tensor, *_statistics_grads: Tensor):
+        if dy is None:  # y unused (grads are not materialized)
+            return None, None, None, None, None
+        x, weight, mean, inv_sigma, count = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the statistics as differentiable functions of x
+            if ctx.all_reduce_sum is not None:
+                raise RuntimeError("second derivatives through a synchronized BN (all_reduce_sum) are not supported")
+            stats = _statistics(x)
+            mean, count, inv_sigma = stats.mean, stats.count, torch.rsqrt(stats.var + ctx.eps)
+        x_hat = spec.normalize(x - mean, inv_sigma)
+        scale = inv_sigma if weight is None else _keepdims(weight, x) * inv_sigma
+        dx, dgamma, dbeta = spec.backward_closed_form(
+            dy,
+            x_hat,
+            scale,
+            _reduction_dims(x),
+            count=count,
+            all_reduce_sum=_spec_all_reduce_sum(ctx.all_reduce_sum),
+            xp=_TORCH,
+        )
+        dweight = dgamma.view(-1).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = dbeta.view(-1).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return dx if ctx.needs_input_grad[0] else None, dweight, dbias, None, None
 
 
 class _BatchNormTrainWithJvp(_BatchNormTrain):
-    """``_BatchNormTrain`` plus forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``).
+    """``_BatchNormTrain`` plus forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``), local only.
 
     Separate because TorchDynamo refuses a Function with a custom ``jvp`` (torch 2.13,
     "Unsupported custom jvp"): ``torch.compile`` gets ``_BatchNormTrain``, eager code this one.
+    The tangent is the transpose of the closed-form backward (module docstring).
     """
 
     @staticmethod
-    def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, _deps):
+    def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, *_):
         x, weight = ctx.saved_tensors
-        x_hat, inv_sigma, _, _ = _normalized(x, ctx.eps)
-        dims, shape = _reduction_dims(x), _channel_shape(x)
+        stats = _statistics(x)
+        dims = _reduction_dims(x)
+        inv_sigma = torch.rsqrt(stats.var + ctx.eps)
+        x_hat = spec.normalize(x - stats.mean, inv_sigma)
         dy = torch.zeros_like(x_hat)
         if dx is not None:
-            dx_hat = inv_sigma.view(shape) * (
+            dx_hat = inv_sigma * (
                 dx - dx.mean(dim=dims, keepdim=True) - x_hat * (x_hat * dx).mean(dim=dims, keepdim=True)
             )
-            dy = dx_hat if weight is None else dx_hat * weight.to(x.dtype).view(shape)
+            dy = dx_hat if weight is None else dx_hat * _keepdims(weight, x)
         if dweight is not None:
-            dy = dy + x_hat * dweight.to(x.dtype).view(shape)
+            dy = dy + x_hat * _keepdims(dweight, x)
         if dbias is not None:
-            dy = dy + dbias.to(x.dtype).view(shape)
-        return dy, None, None  # mean and var are non-differentiable outputs
+            dy = dy + _keepdims(dbias, x)
+        return dy, None, None, None, None  # the statistics are non-differentiable outputs
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype == torch.float32 or x.dtype == torch.float64 else torch.float32
 
 
-def _batch_norm_train_ops(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The same forward without the custom Function, for TorchScript (which cannot call one).
-
-    Autograd derives its backward; it is the same function of x, so gradients agree to rounding.
-    """
-    x_hat, _, mean, var = _normalized(x, eps)
-    return _affine(x_hat, weight, bias), mean.detach(), var.detach()
+# torch.jit.ignore: TorchScript cannot compile spec's namespace-generic functions; scripted code
+# calls these back in Python (the module runs, but torch.jit.save cannot export it).
+@torch.jit.ignore
+def _train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, count)``: y in x's dtype, per-channel statistics in the compute dtype, count 0-d."""
+    xc = _as(x, _compute_dtype(x))
+    if torch.compiler.is_compiling() or all_reduce_sum is not None:
+        y, mean, var, _, count = _BatchNormTrain.apply(xc, weight, bias, eps, all_reduce_sum)
+    else:
+        y, mean, var, _, count = _BatchNormTrainWithJvp.apply(xc, weight, bias, eps, None)
+    return _as(y, x.dtype), mean.view(-1), var.view(-1), count.view(-1)[0]
 
 
 def batch_norm_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode forward on NC... input: ``(y, batch_mean, biased_batch_var)``, differentiable in y."""
-    compute = _compute_dtype(x)
-    if torch.jit.is_scripting():
-        y, mean, var = _batch_norm_train_ops(x.to(compute), weight, bias, float(eps))
-    elif torch.compiler.is_compiling():
-        y, mean, var = _BatchNormTrain.apply(x.to(compute), weight, bias, float(eps))
-    else:
-        y, mean, var = _BatchNormTrainWithJvp.apply(x.to(compute), weight, bias, float(eps))
-    return y.to(x.dtype), mean, var
+    y, mean, var, _ = _train(x, weight, bias, float(eps), None)
+    return y, mean, var
 
 
+@torch.jit.ignore
 def batch_norm_infer(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float = 1e-5
 ) -> Tensor:
-    """Inference-mode forward: ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with stored statistics."""
-    compute = _compute_dtype(x)
-    shape = _channel_shape(x)
-    scale = torch.rsqrt(var.to(compute) + eps)
-    if weight is not None:
-        scale = scale * weight.to(compute)
-    y = (x.to(compute) - mean.to(compute).view(shape)) * scale.view(shape)
-    if bias is not None:
-        y = y + bias.to(compute).view(shape)
-    return y.to(x.dtype)
+    """Inference-mode forward with stored statistics: ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` (§3)."""
+    xc = _as(x, _compute_dtype(x))
+    scale, _ = spec.inference_affine(
+        _keepdims(mean, xc), _keepdims(var, xc), _keepdims(weight, xc), None, eps=eps, xp=_TORCH
+    )
+    return _as(spec.normalize(xc - _keepdims(mean, xc), scale, _keepdims(bias, xc)), x.dtype)
 
 
+@torch.jit.ignore
 def update_running_stats_(
     running_mean: Tensor,
     running_var: Tensor,
@@ -212,27 +252,31 @@ def update_running_stats_(
     batch_var: Tensor,
     count: int,
     momentum: float | None,
+    convention: str = "torch",
 ) -> None:
-    """One ``spec.update_running_stats(convention="torch")`` step, in place and in float64 like ATen's CPU kernel.
+    """One ``spec.update_running_stats`` step in ``convention`` (SPEC.md §5), in place, float64 like ATen's CPU kernel.
 
-        w = momentum, or 1 / num_batches_tracked (after incrementing it) for momentum=None
-        running_mean = (1 - w) * running_mean + w * batch_mean
-        running_var  = (1 - w) * running_var  + w * batch_var * count / (count - 1)
-
-    The caller has already incremented ``num_batches_tracked`` (as torch.nn does, even for an
-    empty batch); ``count`` must be > 1.
+    The weight (``spec.new_value_weight``), the variance fed in (``spec.variance_for_update``,
+    Bessel's ``count / (count - 1)`` where the convention is unbiased) and the average
+    (``spec.moving_average``) are spec's, on torch tensors. ``momentum`` has PyTorch's meaning in
+    every convention (converted by ``spec.convert_momentum``). The caller has already incremented
+    ``num_batches_tracked`` (as torch.nn does, even for an empty batch); ``count`` must be > 1.
     """
+    conv = spec.get_convention(convention)
+    converted = None if momentum is None else spec.convert_momentum(momentum, "torch", convention)
     with torch.no_grad():
-        if momentum is None:
-            assert num_batches_tracked is not None, "momentum=None needs num_batches_tracked"
-            weight = 1.0 / num_batches_tracked.to(torch.float64)
-        else:
-            weight = torch.full((), momentum, dtype=torch.float64, device=running_mean.device)
-        unbiased = batch_var.detach().to(torch.float64) * (count / (count - 1.0))
-        new_mean = weight * batch_mean.detach().to(torch.float64) + (1.0 - weight) * running_mean.to(torch.float64)
-        new_var = weight * unbiased + (1.0 - weight) * running_var.to(torch.float64)
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
+        batches_before = None
+        if spec.needs_counter(conv, converted):
+            assert num_batches_tracked is not None, f"convention {convention!r} needs num_batches_tracked"
+            batches_before = num_batches_tracked.to(torch.float64) - 1.0  # the caller counted this batch
+        weight = spec.new_value_weight(conv, converted, batches_before, xp=_TORCH)
+        count64 = torch.tensor(float(count), dtype=torch.float64)
+        var_in = spec.variance_for_update(conv, batch_var.detach().to(torch.float64), count64, xp=_TORCH)
+        old = torch.stack([running_mean, running_var]).to(torch.float64)
+        new = torch.stack([batch_mean.detach().to(torch.float64), var_in])
+        blended = spec.moving_average(old, new, weight)
+        running_mean.copy_(blended[0])
+        running_var.copy_(blended[1])
 
 
 def _check_dtypes(x: Tensor, name: str, tensors: list[Tensor | None], labels: list[str]) -> None:
@@ -259,6 +303,14 @@ def check_input(x: Tensor, num_features: int, ranks: list[int], name: str) -> No
         raise ValueError(f"{name}({num_features}) got {x.shape[1]} channels at dim 1 (input {list(x.shape)})")
 
 
+def _check_eps(eps: float, training: bool) -> None:
+    """torch.nn.functional.batch_norm's checks and messages (eps = 0 is legal in eval mode)."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def batch_norm_module_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -273,40 +325,44 @@ def batch_norm_module_forward(
     num_features: int,
     ranks: list[int],
     name: str,
+    convention: str = "torch",
+    all_reduce_sum: Any = None,
 ) -> Tensor:
     """Everything ``BatchNorm*d.forward`` does, as one function (torch.fx records it as a single call).
 
     Checks the input, normalizes with batch statistics (training, or no buffers) or the stored
     ones, and updates the buffers in training mode, following ``torch.nn.BatchNorm*d.forward``.
+    ``all_reduce_sum`` (``torch_ref.sync``) makes every batch statistic global.
     """
     check_input(x, num_features, ranks, name)
     use_batch_stats = training or (running_mean is None and running_var is None)
-    if use_batch_stats:
-        _check_dtypes(x, name, [weight, bias], ["weight", "bias"])
-        if training and track_running_stats:
-            _check_dtypes(x, name, [running_mean, running_var], ["running_mean", "running_var"])
-    else:
+    if not use_batch_stats:
         _check_dtypes(
             x, name, [weight, bias, running_mean, running_var], ["weight", "bias", "running_mean", "running_var"]
         )
-    if not use_batch_stats:
-        if eps < 0.0:  # torch.nn.functional.batch_norm's check and message
-            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        _check_eps(eps, False)
         assert running_mean is not None and running_var is not None
         return batch_norm_infer(x, weight, bias, running_mean, running_var, eps)
-    count = x.numel() // num_features
-    if training and count == 1:  # torch.nn.functional._verify_batch_size's message; 0 values is legal
+    _check_dtypes(x, name, [weight, bias], ["weight", "bias"])
+    update = training and track_running_stats and running_mean is not None and running_var is not None
+    if update:
+        _check_dtypes(x, name, [running_mean, running_var], ["running_mean", "running_var"])
+    if training and all_reduce_sum is None and x.numel() == num_features:
+        # torch.nn.functional._verify_batch_size's message; 0 values is legal (SPEC.md §9)
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
-    if training and eps <= 0.0:  # torch.nn.functional.batch_norm's check and message
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if not training and eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    y, mean, var = batch_norm_train(x, weight, bias, eps)
-    if training and track_running_stats and running_mean is not None and running_var is not None:
+    _check_eps(eps, training)
+    y, mean, var, count_tensor = _train(x, weight, bias, eps, all_reduce_sum)
+    count = x.numel() // num_features if all_reduce_sum is None else int(count_tensor.item())
+    if training and all_reduce_sum is not None and count == 1:
+        raise ValueError(f"Expected more than 1 value per channel over all ranks when training, got {count}")
+    if update:
+        assert running_mean is not None and running_var is not None
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         if count > 1:  # an empty batch leaves the statistics (torch.nn: ATen returns before updating)
-            update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+            update_running_stats_(
+                running_mean, running_var, num_batches_tracked, mean, var, count, momentum, convention
+            )
     return y
 
 
@@ -315,26 +371,40 @@ torch.fx.wrap("batch_norm_module_forward")
 
 
 def _check_arguments(
-    num_features: object, eps: object, momentum: object, affine: object, track_running_stats: object, bias: object
+    num_features: object,
+    eps: object,
+    momentum: object,
+    affine: object,
+    track_running_stats: object,
+    bias: object,
+    convention: object,
 ) -> None:
-    """Type and range checks at construction; torch.nn checks none of these (a stricter drop-in)."""
+    """Type and range checks at construction; torch.nn checks none of these (a stricter drop-in).
+
+    The convention and momentum are checked by ``spec`` (its messages): momentum in PyTorch's
+    meaning, ``None`` (cumulative average) only where the convention defines it.
+    """
     # numbers.Integral/Real: NumPy scalars (np.int64, np.float32) are accepted as torch.nn accepts them.
     if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features < 1:
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
     # eps <= 0 is refused at forward time, in torch.nn's words (eps = 0 is legal in eval mode).
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite real number, got {eps!r}")
-    if momentum is not None and (
-        isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0
-    ):
-        raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum!r}")
+    # momentum in PyTorch's meaning, as the convention's own (the convention name is checked first)
+    spec.check_hyperparameters(
+        convention, None if momentum is None else spec.convert_momentum(momentum, "torch", convention)
+    )
     for label, value in (("affine", affine), ("track_running_stats", track_running_stats), ("bias", bias)):
         if not isinstance(value, bool):
             raise TypeError(f"{label} must be a bool, got {value!r}")
 
 
 class _BatchNorm(_TorchBatchNorm):
-    """Bookkeeping shared by BatchNorm1d/2d/3d: torch.nn's parameters, buffers and state_dict; our forward."""
+    """Bookkeeping shared by BatchNorm1d/2d/3d: torch.nn's parameters, buffers and state_dict; our forward.
+
+    ``convention`` (a ``spec.CONVENTIONS`` name, default "torch") says how training updates the
+    running statistics (SPEC.md §5); ``momentum`` keeps PyTorch's meaning, the weight of the new batch.
+    """
 
     _ranks: list[int] = []
 
@@ -349,11 +419,13 @@ class _BatchNorm(_TorchBatchNorm):
         dtype=None,
         *,
         bias: bool = True,
+        convention: str = "torch",
     ) -> None:
-        _check_arguments(num_features, eps, momentum, affine, track_running_stats, bias)
+        _check_arguments(num_features, eps, momentum, affine, track_running_stats, bias, convention)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
         )
+        self.convention = convention
         # Instance attributes: TorchScript sees neither class attributes nor the class name.
         self._input_ranks = list(self._ranks)
         self._display_name = type(self).__name__
@@ -361,21 +433,32 @@ class _BatchNorm(_TorchBatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         pass  # done in batch_norm_module_forward, with the other checks
 
+    def extra_repr(self) -> str:
+        # torch.nn's repr where the convention is torch's own (a drop-in prints the same).
+        convention = "" if self.convention == "torch" else f", convention={self.convention!r}"
+        return super().extra_repr() + convention
+
     def forward(self, input: Tensor) -> Tensor:
+        return self._forward(input, self.training)
+
+    def _forward(self, x: Tensor, training: bool, all_reduce_sum: Any = None) -> Tensor:
+        """``forward`` in the given mode, with every batch sum taken by ``all_reduce_sum`` (None: local)."""
         return batch_norm_module_forward(
-            input,
+            x,
             self.weight,
             self.bias,
             self.running_mean,
             self.running_var,
             self.num_batches_tracked,
-            self.training,
+            training,
             self.track_running_stats,
             self.momentum,
             self.eps,
             self.num_features,
             self._input_ranks,
             self._display_name,
+            self.convention,
+            all_reduce_sum,
         )
 
 

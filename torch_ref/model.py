@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 import spec
-from torch_ref._keras_ops import _ConventionBatchNorm
 from torch_ref.batch_norm import BatchNorm1d, BatchNorm2d
 
 _BATCH_NORMS = {
@@ -23,23 +22,22 @@ _BATCH_NORMS = {
 }
 
 
-class _D2LMovingAverages(_ConventionBatchNorm):
-    """d2l's from-scratch ``batch_norm``: moving statistics by ``spec.update_running_stats(convention="d2l")``.
+class D2LBatchNorm1d(BatchNorm1d):
+    """``torch_ref.BatchNorm1d(convention="d2l")``: the chapter's scratch BN on dense layers.
 
-    The chapter weights the *new* value by ``momentum`` (0.9 as it calls it) and averages the biased
-    batch variance (SPEC.md, d2l row); forward and backward are ``torch_ref``'s, as for every BN here.
-    The bookkeeping is the converters' convention-driven BN (torch_ref/_keras_ops.py), not a copy.
+    d2l's from-scratch ``batch_norm`` weights the *new* value by ``momentum`` (0.9 as it calls it)
+    and averages the biased batch variance (SPEC.md §5, d2l row).
     """
 
-    convention = "d2l"
+    def __init__(self, num_features: int, *args, **kwargs) -> None:
+        super().__init__(num_features, *args, convention="d2l", **kwargs)
 
 
-class D2LBatchNorm1d(_D2LMovingAverages, BatchNorm1d):
-    """``torch_ref.BatchNorm1d`` with d2l's moving averages (the chapter's scratch BN on dense layers)."""
+class D2LBatchNorm2d(BatchNorm2d):
+    """``torch_ref.BatchNorm2d(convention="d2l")``: the chapter's scratch BN on conv layers."""
 
-
-class D2LBatchNorm2d(_D2LMovingAverages, BatchNorm2d):
-    """``torch_ref.BatchNorm2d`` with d2l's moving averages (the chapter's scratch BN on conv layers)."""
+    def __init__(self, num_features: int, *args, **kwargs) -> None:
+        super().__init__(num_features, *args, convention="d2l", **kwargs)
 
 
 _D2L_BATCH_NORMS = (D2LBatchNorm1d, D2LBatchNorm2d)
