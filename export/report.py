@@ -402,6 +402,19 @@ def _optimizer_text(cfg: Mapping[str, Any]) -> str:
     return f"{optimizer.capitalize()} lr {cfg['lr']}"
 
 
+def _files_versions_timings(report: Mapping[str, Any]) -> list[str]:
+    """The closing sections every report shares: ONNX files (when any), package versions, step timings."""
+    lines: list[str] = []
+    if report["onnx_files"]:
+        lines += ["", "## ONNX files", "", "| model | file |", "|---|---|"]
+        lines += [f"| {name} | `{path}` |" for name, path in report["onnx_files"].items()]
+    lines += ["", "## Versions", "", "| package | version |", "|---|---|"]
+    lines += [f"| {k} | {v if v is not None else 'not installed'} |" for k, v in report["versions"].items()]
+    lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
+    return lines
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The human-readable report: data, accuracy with and without BN, the agreement table, files, versions."""
     from export.machine import describe_machine
@@ -450,13 +463,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "accuracy.",
         ]
     lines += _agreement_lines(report)
-    if report["onnx_files"]:
-        lines += ["", "## ONNX files", "", "| model | file |", "|---|---|"]
-        lines += [f"| {name} | `{path}` |" for name, path in report["onnx_files"].items()]
-    lines += ["", "## Versions", "", "| package | version |", "|---|---|"]
-    lines += [f"| {k} | {v if v is not None else 'not installed'} |" for k, v in report["versions"].items()]
-    lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
+    lines += _files_versions_timings(report)
     return "\n".join(lines) + "\n"
 
 
@@ -484,12 +491,7 @@ def render_check_markdown(report: Mapping[str, Any]) -> str:
     for bn in model["bn_layers"]:
         lines.append(f"| {bn['name']} | {bn['type']} | {bn['convention']} | {bn['momentum']} | {bn['epsilon']} |")
     lines += _agreement_lines(report, subject=model["name"], inputs="images")
-    lines += ["", "## ONNX files", "", "| model | file |", "|---|---|"]
-    lines += [f"| {name} | `{path}` |" for name, path in report["onnx_files"].items()]
-    lines += ["", "## Versions", "", "| package | version |", "|---|---|"]
-    lines += [f"| {k} | {v if v is not None else 'not installed'} |" for k, v in report["versions"].items()]
-    lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
+    lines += _files_versions_timings(report)
     return "\n".join(lines) + "\n"
 
 

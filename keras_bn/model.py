@@ -107,17 +107,17 @@ _D2L = _Architecture("d2l_lenet", "sigmoid", keras.layers.AveragePooling2D, "d2l
 _LENET5 = _Architecture("lenet5", "tanh", keras.layers.AveragePooling2D, "keras", resize_to=(32, 32), bias_fill=0.01)
 
 
-def _build(
+def _check_build_arguments(
     arch: _Architecture,
     batch_norm: str | None,
     convention: str | None,
     momentum: float | None,
     epsilon: float | None,
-    input_shape: Sequence[int],
     num_classes: int,
     seed: int | None,
     bn_kwargs: dict,
-) -> keras.Model:
+) -> str | None:
+    """Refuse arguments that cannot apply to ``arch`` with ``batch_norm``; return the convention to build with."""
     if batch_norm not in BATCH_NORM_CHOICES:
         raise ValueError(f"batch_norm must be one of {BATCH_NORM_CHOICES}, got {batch_norm!r}")
     if batch_norm is None:
@@ -134,14 +134,29 @@ def _build(
             )
     elif convention is None:
         convention = arch.default_convention
-    if arch.resize_to is None:
-        input_shape = _check_input_shape(input_shape)
-    else:
-        input_shape = _check_input_shape(input_shape, min_spatial=1)  # the resize makes any size fit
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
+    return convention
+
+
+def _build(
+    arch: _Architecture,
+    batch_norm: str | None,
+    convention: str | None,
+    momentum: float | None,
+    epsilon: float | None,
+    input_shape: Sequence[int],
+    num_classes: int,
+    seed: int | None,
+    bn_kwargs: dict,
+) -> keras.Model:
+    convention = _check_build_arguments(arch, batch_norm, convention, momentum, epsilon, num_classes, seed, bn_kwargs)
+    if arch.resize_to is None:
+        input_shape = _check_input_shape(input_shape)
+    else:
+        input_shape = _check_input_shape(input_shape, min_spatial=1)  # the resize makes any size fit
 
     seeds = iter(range(seed, seed + 5)) if seed is not None else None
 
