@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -39,12 +40,31 @@ def _digits():
     return load_dataset("digits")  # the embedded optdigits test split, upscaled to 28x28 once per session
 
 
-def digit_images(n: int, size: int, channels: int, dtype: str, *, offset: int = 0) -> np.ndarray:
-    """``n`` real handwritten digits (the embedded optdigits set) as NHWC in [0, 1], resized and tiled."""
-    images = to_nhwc_float(_digits().x_test[offset : offset + n])
+def _resized(images: np.ndarray, size: int, channels: int, dtype: str) -> np.ndarray:
+    """uint8 (n, 28, 28) as NHWC in [0, 1], resized bilinearly to ``size`` and tiled to ``channels``."""
+    images = to_nhwc_float(images)
     if size != images.shape[1]:
         images = keras.ops.convert_to_numpy(keras.ops.image.resize(images, (size, size)))
     return np.ascontiguousarray(np.repeat(images, channels, axis=-1).astype(dtype))
+
+
+def digit_images(n: int, size: int, channels: int, dtype: str, *, offset: int = 0) -> np.ndarray:
+    """``n`` real handwritten digits (the embedded optdigits set) as NHWC in [0, 1], resized and tiled."""
+    return _resized(_digits().x_test[offset : offset + n], size, channels, dtype)
+
+
+@functools.cache
+def _mnist(data_dir: Path):
+    return load_dataset("mnist", data_dir)
+
+
+def mnist_images(data_dir: Path, n: int, size: int, dtype: str, *, offset: int = 0) -> np.ndarray:
+    """``n`` MNIST test images (conftest's ``mnist_dir``) as NHWC RGB: tiled to 3 channels, resized to ``size``."""
+    return _resized(_mnist(data_dir).x_test[offset : offset + n], size, 3, dtype)
+
+
+def mnist_labels(data_dir: Path, n: int, *, offset: int = 0) -> np.ndarray:
+    return _mnist(data_dir).y_test[offset : offset + n].astype(np.int64)
 
 
 def digit_labels(n: int, *, offset: int = 0) -> np.ndarray:
@@ -86,3 +106,17 @@ def train_torch(module: nn.Module, images: np.ndarray, labels: np.ndarray) -> No
         optimizer.zero_grad()
         F.cross_entropy(module(x), y).backward()
         optimizer.step()
+
+
+def worst_weight_difference(model: keras.Model, reference: keras.Model) -> float:
+    """Max |difference| over every weight of two models of one graph, layer by layer in order.
+
+    ``model`` may have fewer weights per layer (a plain Keras BN lacks keras_bn's batch counter).
+    """
+    worst = 0.0
+    for layer, ref in zip(model.layers, reference.layers, strict=True):
+        assert len(layer.weights) <= len(ref.weights), layer.name
+        for weight, expected in zip(layer.weights, ref.weights, strict=False):
+            diff = keras.ops.convert_to_numpy(weight) - keras.ops.convert_to_numpy(expected)
+            worst = max(worst, float(np.abs(diff).max()))
+    return worst
