@@ -214,15 +214,57 @@ class _Converter:
     def constant_pad_nd(self, node, input, pad, value=0):  # noqa: A002
         return self.pad(node, input, pad, "constant", value)
 
+    def _scalar(self, node, what: str, input, other):  # noqa: A002
+        """(tensor, Python number) of a tensor-scalar operation, or None for two tensors; raises otherwise."""
+        tensors = [keras.utils.is_keras_tensor(t) for t in (input, other)]
+        if all(tensors):
+            return None
+        number = other if tensors[0] else input
+        if not any(tensors) or not isinstance(number, int | float):
+            raise _unsupported(node, what, "only two tensors, or a tensor and a Python number")
+        return (input if tensors[0] else other), float(number)
+
     def add(self, node, input, other, *, alpha=1):  # noqa: A002
-        if alpha != 1 or not all(keras.utils.is_keras_tensor(t) for t in (input, other)):
-            raise _unsupported(node, "add", "only the sum of two tensors")
+        if alpha != 1:
+            raise _unsupported(node, "add", f"alpha={alpha}")
+        scalar = self._scalar(node, "add", input, other)
+        if scalar is not None:  # x + c as Keras' Rescaling: x * 1 + c, exact
+            return L.Rescaling(1.0, offset=scalar[1], dtype=self.dtype)(scalar[0])
         return L.Add(dtype=self.dtype)([input, other])
 
+    def sub(self, node, input, other, *, alpha=1):  # noqa: A002
+        scalar = self._scalar(node, "sub", input, other)
+        if scalar is None and alpha == 1:
+            return L.Subtract(dtype=self.dtype)([input, other])
+        if alpha != 1 or not keras.utils.is_keras_tensor(input):
+            raise _unsupported(node, "sub", "only tensor - tensor or tensor - Python number")
+        return L.Rescaling(1.0, offset=-scalar[1], dtype=self.dtype)(input)  # x - c == x + (-c) exactly
+
     def mul(self, node, input, other):  # noqa: A002
-        if not all(keras.utils.is_keras_tensor(t) for t in (input, other)):
-            raise _unsupported(node, "mul", "only the product of two tensors")
+        scalar = self._scalar(node, "mul", input, other)
+        if scalar is not None:  # x * c as Keras' Rescaling: x * c + 0, exact
+            return L.Rescaling(scalar[1], dtype=self.dtype)(scalar[0])
         return L.Multiply(dtype=self.dtype)([input, other])
+
+    def mean(self, node, input, dim=None, keepdim=False, *, dtype=None):  # noqa: A002
+        """Mean over (H, W) of an NCHW tensor: global average pooling (torchvision's ``x.mean((2, 3))``)."""
+        dims = sorted(d % 4 for d in dim) if dim is not None and len(input.shape) == 4 else None
+        if dims != [2, 3] or dtype is not None:
+            raise _unsupported(node, "mean", f"dim={dim!r} (only the spatial dims of an NCHW tensor)")
+        return L.GlobalAveragePooling2D(keepdims=bool(keepdim), dtype=self.dtype)(input)
+
+    def softmax(self, node, input, dim=None, *rest, **__):  # noqa: A002  (F.softmax, aten._softmax(x, dim, half))
+        if dim is None or (rest and rest[0] not in (None, False)):
+            raise _unsupported(node, "softmax", "an explicit dim and no dtype")
+        return L.Softmax(axis=self._axis(input, dim), dtype=self.dtype)(input)
+
+    def reshape(self, node, input, *shape):  # noqa: A002
+        """Only a flatten: ``x.view(n, -1)`` (torch.export records the traced batch size as ``n``)."""
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], list | tuple) else shape
+        features = int(np.prod(input.shape[1:]))
+        if len(shape) != 2 or shape[1] not in (-1, features):
+            raise _unsupported(node, "reshape", f"shape {shape!r} (only a flatten to (batch, -1))")
+        return self.flatten(node, input)
 
     def cat(self, node, tensors, dim=0):
         return L.Concatenate(axis=self._axis(tensors[0], dim), dtype=self.dtype)(list(tensors))
@@ -277,6 +319,8 @@ class _Converter:
             return self.dropout(node, x, module.p)
         if isinstance(module, nn.Identity):
             return x
+        if isinstance(module, nn.Softmax):
+            return self.softmax(node, x, module.dim)
         raise _unsupported(node, type(module).__name__, "this module type is not supported by keras_bn.from_torch")
 
     def handler(self, node: fx.Node) -> Callable[..., Any] | None:
@@ -339,7 +383,7 @@ _ACTIVATION_MODULES = {
 }
 _SUPPORTED_MODULES = (
     nn.Conv2d, nn.Linear, nn.GELU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.ZeroPad2d,
-    nn.Dropout, nn.Identity, *_ACTIVATION_MODULES,
+    nn.Dropout, nn.Identity, nn.Softmax, *_ACTIVATION_MODULES,
 )  # fmt: skip
 
 
@@ -356,8 +400,12 @@ def _function_table() -> dict[Any, str]:
         "flatten": [torch.flatten, _aten.flatten.using_ints],
         "pad": [F.pad, _aten.pad.default],
         "constant_pad_nd": [_aten.constant_pad_nd.default],
-        "add": [operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor],
-        "mul": [operator.mul, operator.imul, torch.mul, _aten.mul.Tensor, _aten.mul_.Tensor],
+        "add": [operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor, _aten.add.Scalar],
+        "sub": [operator.sub, torch.sub, _aten.sub.Tensor, _aten.sub.Scalar],
+        "mul": [operator.mul, operator.imul, torch.mul, _aten.mul.Tensor, _aten.mul_.Tensor, _aten.mul.Scalar],
+        "mean": [torch.mean, _aten.mean.dim],
+        "softmax": [F.softmax, torch.softmax, _aten.softmax.int, _aten._softmax.default],
+        "reshape": [torch.reshape, _aten.view.default, _aten.reshape.default],
         "cat": [torch.cat, _aten.cat.default],
         "dropout": [F.dropout, _aten.dropout.default],
         "relu6": [F.relu6, _aten.hardtanh.default, _aten.hardtanh_.default],
@@ -377,7 +425,14 @@ def _function_table() -> dict[Any, str]:
 
 _FUNCTIONS = _function_table()
 # Tensor methods -> handler (``x.relu()`` as the activation).
-_METHODS = {"flatten": "flatten", "relu": "activation:relu"}
+_METHODS = {
+    "flatten": "flatten",
+    "relu": "activation:relu",
+    "mean": "mean",
+    "softmax": "softmax",
+    "view": "reshape",
+    "reshape": "reshape",
+}
 
 
 def _trace(module: nn.Module, input_shape: tuple[int, ...], dtype: str, tracer: str) -> fx.GraphModule:

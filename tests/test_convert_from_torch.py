@@ -31,7 +31,12 @@ from tests._convert_models import (
 )
 
 F32_TOL, TRAIN_TOL = 1e-4, 1e-9
-F64_TOL = {"convnet": 1e-12, "padded": 1e-8, "resnet-stem": 1e-12}  # padded has a GELU (module docstring)
+F64_TOL = {
+    "convnet": 1e-12,
+    "padded": 1e-8,
+    "resnet-stem": 1e-12,
+    "extras": 1e-12,
+}  # padded has a GELU (module docstring)
 SIZE = 12
 
 
@@ -103,7 +108,25 @@ class ResNetStem(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-MODELS = {"convnet": ConvNet, "padded": PaddedNet, "resnet-stem": ResNetStem}
+class ExtrasNet(nn.Module):
+    """Arithmetic with Python numbers (Keras Rescaling), mean over H and W in both keepdim forms, Softmax
+    module and function, subtraction, and ``view`` as a flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 5 * 5, 10)
+        self.softmax = nn.Softmax(dim=1)
+
+    def forward(self, x):
+        x = self.bn(self.conv(2.0 * x - 0.5))
+        x = x * x.mean((2, 3), keepdim=True) + 1.0
+        pooled = torch.mean(x, dim=(-1, -2)) - self.softmax(x).mean((2, 3))
+        return torch.cat([self.softmax(self.fc(x.view(-1, 6 * 5 * 5))), F.softmax(pooled, dim=1)], 1)
+
+
+MODELS = {"convnet": ConvNet, "padded": PaddedNet, "resnet-stem": ResNetStem, "extras": ExtrasNet}
 
 
 def _module(name: str, dtype: torch.dtype) -> nn.Module:
