@@ -19,10 +19,24 @@ import torch.nn.functional as F
 from torch import nn
 
 import keras_bn
-from tests._convert_models import BATCH, digit_images, digit_labels, relative_error, train_keras, train_torch
+from keras_bn._from_torch import TRACERS
+from tests._convert_models import (
+    BATCH,
+    digit_images,
+    digit_labels,
+    relative_error,
+    train_keras,
+    train_torch,
+    worst_weight_difference,
+)
 
 F32_TOL, TRAIN_TOL = 1e-4, 1e-9
-F64_TOL = {"convnet": 1e-12, "padded": 1e-8, "resnet-stem": 1e-12}  # padded has a GELU (module docstring)
+F64_TOL = {
+    "convnet": 1e-12,
+    "padded": 1e-8,
+    "resnet-stem": 1e-12,
+    "extras": 1e-12,
+}  # padded has a GELU (module docstring)
 SIZE = 12
 
 
@@ -94,7 +108,25 @@ class ResNetStem(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-MODELS = {"convnet": ConvNet, "padded": PaddedNet, "resnet-stem": ResNetStem}
+class ExtrasNet(nn.Module):
+    """Arithmetic with Python numbers (Keras Rescaling), mean over H and W in both keepdim forms, Softmax
+    module and function, subtraction, and ``view`` as a flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 5 * 5, 10)
+        self.softmax = nn.Softmax(dim=1)
+
+    def forward(self, x):
+        x = self.bn(self.conv(2.0 * x - 0.5))
+        x = x * x.mean((2, 3), keepdim=True) + 1.0
+        pooled = torch.mean(x, dim=(-1, -2)) - self.softmax(x).mean((2, 3))
+        return torch.cat([self.softmax(self.fc(x.view(-1, 6 * 5 * 5))), F.softmax(pooled, dim=1)], 1)
+
+
+MODELS = {"convnet": ConvNet, "padded": PaddedNet, "resnet-stem": ResNetStem, "extras": ExtrasNet}
 
 
 def _module(name: str, dtype: torch.dtype) -> nn.Module:
@@ -116,10 +148,11 @@ def _nhwc(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
 
 
+@pytest.mark.parametrize("tracer", TRACERS)
 @pytest.mark.parametrize("name", list(MODELS))
-def test_float64_inference_and_training_step_match_torch(name: str) -> None:
+def test_float64_inference_and_training_step_match_torch(name: str, tracer: str) -> None:
     module = _module(name, torch.float64)
-    model = keras_bn.from_torch(module, (3, SIZE, SIZE))
+    model = keras_bn.from_torch(module, (3, SIZE, SIZE), tracer=tracer)
     seen, batch = _images(torch.float64, offset=2 * BATCH), _images(torch.float64, offset=3 * BATCH)
     with torch.no_grad():
         expected = module(seen).numpy()
@@ -180,29 +213,34 @@ class _Unsupported(nn.Module):
         return self.layer(self.conv(x))
 
 
+def test_tracer_is_checked() -> None:
+    with pytest.raises(ValueError, match="tracer must be one of"):
+        keras_bn.from_torch(nn.ReLU(), (3, 4, 4), tracer="jit")
+
+
+def test_module_training_flags_are_restored() -> None:
+    """Tracing runs in eval mode; the module (and each submodule) keeps its own flag."""
+    module = _module("convnet", torch.float64).train()
+    module.bn.eval()
+    keras_bn.from_torch(module, (3, SIZE, SIZE))
+    assert module.training and module.conv.training and not module.bn.training
+
+
+@pytest.mark.parametrize("tracer", TRACERS)
 @pytest.mark.parametrize(
-    ("layer", "match"),
+    ("layer", "why"),
     [
-        (nn.MaxPool2d(3, 2, dilation=2), r"'layer' \(MaxPool2d\)"),
-        (nn.LayerNorm([4, 4, 4]), r"'layer' \(LayerNorm\)"),
-        (nn.Conv2d(4, 4, 3, padding_mode="reflect"), r"'layer' \(Conv2d\).*reflect"),
+        (nn.MaxPool2d(2, 1, dilation=2), "dilation"),
+        (nn.LayerNorm([4, 4, 4]), "not supported"),
+        (nn.Conv2d(4, 4, 3, padding_mode="reflect"), "reflect"),
     ],
     ids=["maxpool-dilation", "layernorm", "reflect-padding"],
 )
-def test_unsupported_node_is_named(layer: nn.Module, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        keras_bn.from_torch(_Unsupported(layer), (3, 6, 6))
-
-
-def _worst_difference(model: keras.Model, reference: keras.Model) -> float:
-    """Max |difference| over every weight of two models of one graph, layer by layer in order."""
-    worst = 0.0
-    for layer, ref in zip(model.layers, reference.layers, strict=True):
-        assert len(layer.weights) <= len(ref.weights), layer.name
-        for weight, expected in zip(layer.weights, ref.weights, strict=False):  # the naive BN lacks the counter
-            diff = keras.ops.convert_to_numpy(weight) - keras.ops.convert_to_numpy(expected)
-            worst = max(worst, float(np.abs(diff).max()))
-    return worst
+def test_unsupported_node_is_named(layer: nn.Module, why: str, tracer: str) -> None:
+    """The module's name and type: fx keeps the module as the node; torch.export names it as the node's origin."""
+    with pytest.raises(ValueError, match=rf"'layer' \({type(layer).__name__}\)") as refused:
+        keras_bn.from_torch(_Unsupported(layer), (3, 6, 6), tracer=tracer)
+    assert why in str(refused.value)
 
 
 @pytest.mark.slow
@@ -219,7 +257,7 @@ def test_torch_loop_and_fit_agree_after_20_steps(converted: bool) -> None:
     nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     train_torch(module, nchw, labels)
     train_keras(model, images, labels)
-    worst = _worst_difference(model, keras_bn.from_torch(module.eval(), (3, SIZE, SIZE)))
+    worst = worst_weight_difference(model, keras_bn.from_torch(module.eval(), (3, SIZE, SIZE)))
     assert (worst <= TRAIN_TOL) if converted else (worst > 1e3 * TRAIN_TOL)
 
 

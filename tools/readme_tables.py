@@ -188,12 +188,68 @@ def render_inference(reports: Mapping[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+BENCH_OUTPUTS["convert"] = "nice -n 10 python bench/bench_convert.py --json docs/results/convert.json"
+
+
+def _onnx(row: Mapping[str, Any], key: str) -> str:
+    value = row[key]
+    return f"{value:.1e}" if value is not None else "n/a (export refused, see below)"
+
+
+def _diff(value: float | None) -> str:
+    return "n/a (dropout)" if value is None else f"{value:.1e}"
+
+
+def render_convert(reports: Mapping[str, dict[str, Any]]) -> str:
+    """Whole-network conversion (issue #13): exactness per model and direction, then time."""
+    bench = reports["convert"]
+    baseline = bench["baseline"]
+    lines = [
+        f"`{BENCH_OUTPUTS['convert']}` on {bench['machine']}. Differences are max \\|Δ\\| / max(1, max \\|logit\\|) "
+        f"(`export.agreement`): float64 on {bench['f64_images']} MNIST images, float32 and ONNX Runtime (float32, on "
+        f"the PyTorch side's export) on {bench['images']}; the training step is the worst parameter or statistic "
+        "after one float64 SGD step on each side.",
+        "",
+        "| model | direction | BN layers | float64 | float32 (argmax) | training step | ONNX BN kept | ONNX folded |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in bench["rows"]:
+        lines.append(
+            f"| {row['model']} {row['input'][0]}×{row['input'][1]} | {row['direction']} | {row['bn_layers']} | "
+            f"{row['float64_max_rel']:.1e} | {row['float32_max_rel']:.1e} ({_pct(row['float32_argmax_agreement'])}) | "
+            f"{_diff(row['train_step_max_abs'])} | {_onnx(row, 'onnx_kept_max_rel')} | "
+            f"{_onnx(row, 'onnx_folded_max_rel')} |"
+        )
+    lines += [
+        f"\n{row['model']}: no ONNX figures: {row['onnx_error']}" for row in bench["rows"] if row.get("onnx_error")
+    ]
+    runtimes = list(bench["rows"][0]["inference_ms"]) if bench["rows"] else []
+    lines += [
+        "",
+        f"Conversion time and inference time per batch of {bench['batch']} (median of {bench['rounds']} interleaved "
+        f"calls, 1 thread each), × `{baseline}` in brackets. This CPU only.",
+        "",
+        "| model | convert s | " + " | ".join(runtimes) + " |",
+        "|---|---:|" + "---:|" * len(runtimes),
+    ]
+    for row in bench["rows"]:
+        cells = [
+            f"{row['inference_ms'][r]:.1f} ms ({row['inference_vs_baseline'][r]:.2f})"
+            if r in row["inference_vs_baseline"]
+            else (f"{row['inference_ms'][r]:.1f} ms" if r in row["inference_ms"] else "n/a")
+            for r in runtimes
+        ]
+        lines.append(f"| {row['model']} | {row['convert_s']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[Mapping[str, dict[str, Any]]], str]] = {
     "versions": render_versions,
     "main-job": render_main_job,
     "mnist": render_mnist,
     "recipes": render_recipes,
     "inference": render_inference,
+    "convert": render_convert,
 }
 
 
