@@ -97,7 +97,7 @@ def _measure(name: str, args: argparse.Namespace) -> dict:
 
     import keras_bn
     from export.agreement import compare_pair
-    from export.onnx_export import export_torch
+    from export.onnx.exporters import export_torch
     from export.runtimes import ort_session, run_ort
     from tests._convert_models import (
         floatx,

@@ -26,7 +26,7 @@ from torch import nn
 
 import keras_bn
 from export.agreement import compare_pair
-from export.onnx_export import export_torch
+from export.onnx.exporters import export_torch
 from export.runtimes import run_ort
 from tests._convert_models import mnist_images, relative_error
 from tests._torch_models import MobileNetV2, ResNet18, efficientnet_b0
