@@ -2,7 +2,7 @@
 
 Every implementation in this project (Keras layer, PyTorch reference, ONNX graphs) is
 tested against these functions; SPEC.md is the normative text they implement. The formulas
-(``shifted_moments``, ``backward_closed_form``, ``inference_affine``, ``normalize``,
+(``shifted_moments``, ``backward_closed_form`` and its coefficient form, ``inference_affine``, ``normalize``,
 ``new_value_weight``, ``variance_for_update``, ``moving_average``) take an array namespace
 ``xp`` (numpy by default, ``keras.ops``, ``torch``): the layers call them on their own tensors.
 """
@@ -10,6 +10,8 @@ tested against these functions; SPEC.md is the normative text they implement. Th
 from spec.arrays import identity, namespace
 from spec.batch_norm import (
     backward_closed_form,
+    backward_coefficient_form,
+    backward_coefficients,
     batch_norm_backward,
     batch_norm_infer,
     batch_norm_train,
@@ -42,6 +44,8 @@ __all__ = [
     "Hyperparameters",
     "ShiftedMoments",
     "backward_closed_form",
+    "backward_coefficient_form",
+    "backward_coefficients",
     "batch_norm_backward",
     "batch_norm_infer",
     "batch_norm_train",

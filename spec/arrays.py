@@ -3,7 +3,8 @@
 spec's formulas take an array namespace ``xp`` (the module: ``numpy``, ``keras.ops`` or
 ``torch``), so the Keras layer runs them on Keras tensors and torch_ref on torch tensors, and
 the NumPy reference runs the very same code in float64. Only the differences live here:
-torch's ``maximum`` takes no Python scalar, NumPy has no ``rsqrt``.
+torch's ``maximum`` takes no Python scalar, NumPy has no ``rsqrt``, and torch fuses ``x * a + b``
+(``torch.addcmul``) and may overwrite a temporary the caller no longer needs (:meth:`Namespace.multiply_add`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,27 @@ class Namespace:
     def reshape(self, x, shape):
         return self.xp.reshape(x, shape)
 
+    def multiply_add(self, x, a, b, *, overwrite: str | None = None):
+        """``x * a + b`` (broadcasting), fused where the module can; ``overwrite`` ("x" or "b") names an
+        x-sized temporary the caller no longer needs, which torch then reuses for the result.
+
+        Why: on a CPU an x-sized allocation costs several times the arithmetic of an in-place op, and
+        BN's forward and backward are a few such passes. NumPy and keras.ops evaluate the plain
+        expression (NumPy: the very float64 operations the golden vectors pin). torch overwrites only
+        where autograd is not recording (in place would break a graph being built) and the named
+        operand already has the result's shape; otherwise ``torch.addcmul(b, x, a)``, one allocation.
+        """
+        if self.name != "torch":
+            return x * a + b
+        torch = self.xp
+        if not all(isinstance(t, torch.Tensor) for t in (x, a, b)):
+            return x * a + b
+        if overwrite is not None and not torch.is_grad_enabled():
+            target = x if overwrite == "x" else b
+            if _holds_result(target, (x, a, b)) and not _functorch_wrapped(torch, (x, a, b)):
+                return x.mul_(a).add_(b) if overwrite == "x" else b.addcmul_(x, a)
+        return torch.addcmul(b, x, a)
+
     def full_like(self, x, value):
         """An array shaped and typed like ``x`` filled with ``value`` (a number or a scalar tensor)."""
         return np.full_like(x, value) if self.xp is np else self.xp.ones_like(x) * value
@@ -49,15 +71,41 @@ class Namespace:
     def values_per_channel(self, x, axes):
         """The number of values per channel, the product of x's sizes on ``axes`` (dynamic under a trace)."""
         if self.name == "keras.ops":  # a traced batch size is unknown until run time
-            channels = math.prod(d for a, d in enumerate(x.shape) if a not in axes)
+            # lists, not generators, throughout: TorchDynamo cannot trace a generator inside an autograd.Function
+            channels = math.prod([d for a, d in enumerate(x.shape) if a not in axes])
             return self.xp.cast(self.xp.size(x), x.dtype) / channels
-        return float(math.prod(x.shape[a] for a in axes))
+        return float(math.prod([x.shape[a] for a in axes]))
 
     def expm1(self, x):
         return self.xp.expm1(x)
 
     def log1p(self, x):
         return self.xp.log1p(x)
+
+
+def _holds_result(target, operands) -> bool:
+    """Whether the broadcast of ``operands`` has ``target``'s shape and dtype, so it can be written in place.
+
+    By hand: ``torch.broadcast_shapes`` costs ~100 us in Python, more than the op it would guard.
+    """
+    for operand in operands:
+        if operand.dtype != target.dtype or operand.dim() > target.dim():
+            return False
+        for size, target_size in zip(reversed(operand.shape), reversed(target.shape), strict=False):
+            if size != target_size and size != 1:
+                return False
+    return True
+
+
+def _functorch_wrapped(torch, operands) -> bool:
+    """Whether an operand is a ``torch.func`` or batched tensor (vmap, grad): in place is refused there when the
+    target is batched on fewer levels than another operand (gradcheck's batched gradients), so stay out of place.
+    TorchDynamo traces plain tensors and cannot call the check: under ``torch.compile`` it is False."""
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    # legacy batched tensors: gradcheck's batched-gradient check vmaps the backward with torch._vmap_internals
+    return any(functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t) for t in operands)
 
 
 _NAMESPACES: dict[str, Namespace] = {}

@@ -53,14 +53,17 @@ def inference_affine(mean, var, gamma=None, beta=None, *, eps: float, xp=None):
     return scale, shift
 
 
-def normalize(centered, scale, beta=None):
+def normalize(centered, scale, beta=None, *, xp=None, overwrite_centered: bool = False):
     """``y = (x - mean) * scale + beta`` from ``centered = x - mean`` and :func:`inference_affine`'s scale.
 
     The same y as ``x * scale + shift``; subtracting the mean first keeps x's offset out of the
     rounding (SPEC.md §8). Training passes the batch's statistics, inference the stored ones.
+    ``overwrite_centered=True``: ``centered`` is the caller's temporary, which torch may reuse for y
+    (:meth:`spec.arrays.Namespace.multiply_add`); NumPy computes the same two operations either way.
     """
-    y = centered * scale
-    return y if beta is None else y + beta
+    if beta is None:
+        return centered * scale
+    return namespace(xp).multiply_add(centered, scale, beta, overwrite="x" if overwrite_centered else None)
 
 
 def _normalize(x: np.ndarray, axis: int, mean, var, gamma, beta, eps: float) -> np.ndarray:
@@ -106,6 +109,63 @@ def backward_closed_form(
     else:
         dx = scale / m * (m * dy - weights * total_dbeta - weights * x_hat * total_dgamma)
     return dx, dgamma, dbeta
+
+
+def backward_coefficients(total_dbeta, total_dgamma, scale, *, count, inv_sigma=1.0, xp=None):
+    """Per-channel ``(a, b, c)`` with ``dx_i = a * dy_i + w_i * (b * centered_i + c)`` (SPEC.md §4, step 6)::
+
+        a = scale,   b = -scale * inv_sigma * DGAMMA / m,   c = -scale * DBETA / m
+
+    :func:`backward_closed_form` with its bracket multiplied out, for ``centered = x_hat / inv_sigma``
+    (``inv_sigma=1`` when ``centered`` is x_hat itself). ``DBETA``, ``DGAMMA`` are the all-replica
+    sums, ``m`` the (safe) count, ``w`` the mask (1 without one). Only per-channel arithmetic.
+    """
+    m = safe_count(count, xp)
+    a = scale
+    c = -(scale * total_dbeta) / m
+    b = -(scale * inv_sigma) * total_dgamma / m
+    return a, b, c
+
+
+def backward_coefficient_form(
+    dy,
+    centered,
+    inv_sigma,
+    scale,
+    axes: tuple[int, ...],
+    *,
+    count,
+    weights=None,
+    all_reduce_sum: AllReduceSum = identity,
+    xp=None,
+    overwrite_centered: bool = False,
+):
+    """:func:`backward_closed_form` from ``centered = x - mean`` and ``inv_sigma``, in per-channel coefficients.
+
+    With ``x_hat = centered * inv_sigma`` (never formed) and :func:`backward_coefficients`::
+
+        dbeta  = sum_i dy_i,   dgamma = inv_sigma * sum_i dy_i * centered_i
+        dx_i   = a * dy_i + w_i * (b * centered_i + c)
+
+    the same dx as SPEC.md §4's ``scale / m * (m * dy - w * DBETA - w * x_hat * DGAMMA)``, but only
+    two x-sized passes after the sums (one fused multiply-add each, :meth:`spec.arrays.Namespace.multiply_add`)
+    instead of six out-of-place temporaries. This is what the framework layers call. The NumPy
+    reference (:func:`batch_norm_backward`) stays on :func:`backward_closed_form`: multiplying the
+    bracket out rounds differently, and the golden vectors pin the reference's float64 bits; the two
+    agree to float64 rounding (tests/test_spec_namespaces.py). ``overwrite_centered=True`` lets torch
+    reuse the caller's temporary ``centered`` for dx. Returns ``(dx, dgamma, dbeta)`` like
+    :func:`backward_closed_form` (this replica's own dgamma, dbeta, keepdims).
+    """
+    ns = namespace(xp)
+    dbeta = ns.sum(dy, axis=axes, keepdims=True)
+    dgamma = ns.sum(dy * centered, axis=axes, keepdims=True) * inv_sigma
+    total_dbeta, total_dgamma = all_reduce_sum([dbeta, dgamma])
+    a, b, c = backward_coefficients(total_dbeta, total_dgamma, scale, count=count, inv_sigma=inv_sigma, xp=ns)
+    correction = ns.multiply_add(centered, b, c, overwrite="x" if overwrite_centered else None)
+    if weights is not None:
+        correction = correction * weights
+    # ``correction`` is a temporary of this function (or the caller's, when it gave it away): reuse it
+    return ns.multiply_add(dy, a, correction, overwrite="b"), dgamma, dbeta
 
 
 def batch_norm_train(

@@ -239,6 +239,8 @@ def variance_for_update(conv: Convention, var, count, *, xp=None):
     """
     if conv.running_variance == "biased":
         return var
+    if isinstance(count, int | float):  # a Python number (torch_ref): no tensor ops for the factor
+        return var * count / (count - 1.0 if count > 1.0 else 1.0)
     ns = namespace(xp)
     return var * count / ns.where(count > 1.0, count - 1.0, 1.0)
 

@@ -48,7 +48,9 @@ def _broadcast_mask(mask, x: np.ndarray, axis: int) -> np.ndarray:
 class ShiftedMoments(NamedTuple):
     """Per-channel statistics with keepdims shapes (broadcastable against x), from :func:`shifted_moments`."""
 
-    count: Any  # values per channel (the weights' sum where masked), summed over replicas
+    # values per channel (the weights' sum where masked), summed over replicas (a Python number
+    # where shifted_moments(count_as_number=True) needs no sum for it)
+    count: Any
     mean: Any  # shift + delta
     var: Any  # biased
     shift: Any  # the first-pass mean, a per-channel constant
@@ -57,6 +59,8 @@ class ShiftedMoments(NamedTuple):
 
 def safe_count(count, xp=None):
     """``count`` with 0 replaced by 1: a channel without values divides 0 by 1, not by 0."""
+    if isinstance(count, int | float):  # a Python number: no array op per step for it
+        return count if count > 0 else 1.0
     ns = namespace(xp)
     return ns.where(count > 0, count, 1.0)
 
@@ -68,8 +72,10 @@ def shifted_moments(
     weights=None,
     all_reduce_sum: AllReduceSum = identity,
     refine: bool = True,
+    return_centered: bool = False,
+    count_as_number: bool = False,
     xp=None,
-) -> ShiftedMoments:
+) -> ShiftedMoments | tuple[ShiftedMoments, Any]:
     """Per-channel ``(count, mean, var)`` of ``x`` over ``axes`` by the shifted two-pass algorithm (SPEC.md §2, §7).
 
     Chan, Golub & LeVeque (1983, eq. 1.7), around a shift shared by every replica::
@@ -89,16 +95,26 @@ def shifted_moments(
     ``refine=False`` drops ``delta`` (mean = shift, var = D2 / n, delta = 0): the plain two-pass
     form, which the float64 reference and its golden vectors use (SPEC.md §10); in float64 the
     two differ by rounding only, in float32 the refinement is what keeps §8's accuracy.
+
+    ``return_centered=True`` returns ``(stats, x - shift)``: the x-sized difference the second round
+    computed (masked positions zeroed where ``weights`` are given), which the caller may reuse (e.g.
+    ``(x - shift) * scale + offset``) instead of computing it again. ``count_as_number=True`` returns
+    ``count`` as a Python number where it needs no sum (no weights, a single replica, a static shape:
+    numpy and torch), which spares the per-channel array ops on it every step; else keepdims.
     """
     ns = namespace(xp)
     if weights is None:
         local_sum = ns.sum(x, axis=axes, keepdims=True)
-        local_count = ns.full_like(local_sum, ns.values_per_channel(x, axes))
+        n = ns.values_per_channel(x, axes)
+        if count_as_number and all_reduce_sum is identity and isinstance(n, float):
+            count, (total,) = n, all_reduce_sum([local_sum])
+        else:
+            count, total = all_reduce_sum([ns.full_like(local_sum, n), local_sum])
     else:
         use = weights > 0
         local_count = ns.sum(weights, axis=axes, keepdims=True)
         local_sum = ns.sum(ns.where(use, weights * x, 0.0), axis=axes, keepdims=True)
-    count, total = all_reduce_sum([local_count, local_sum])
+        count, total = all_reduce_sum([local_count, local_sum])
     divisor = safe_count(count, ns)
     shift = total / divisor
     shifted = x - shift
@@ -111,12 +127,14 @@ def shifted_moments(
         local_d2 = ns.sum(shifted * shifted, axis=axes, keepdims=True)
     if not refine:
         (d2,) = all_reduce_sum([local_d2])
-        return ShiftedMoments(count, shift, d2 / divisor, shift, 0.0)
-    d1, d2 = all_reduce_sum([local_d1, local_d2])
-    delta = d1 / divisor
-    # D2 / n >= delta^2 exactly (Cauchy-Schwarz); the clamp only absorbs rounding.
-    var = ns.maximum(d2 / divisor - delta * delta, 0.0)
-    return ShiftedMoments(count, shift + delta, var, shift, delta)
+        stats = ShiftedMoments(count, shift, d2 / divisor, shift, 0.0)
+    else:
+        d1, d2 = all_reduce_sum([local_d1, local_d2])
+        delta = d1 / divisor
+        # D2 / n >= delta^2 exactly (Cauchy-Schwarz); the clamp only absorbs rounding.
+        var = ns.maximum(d2 / divisor - delta * delta, 0.0)
+        stats = ShiftedMoments(count, shift + delta, var, shift, delta)
+    return (stats, shifted) if return_centered else stats
 
 
 def moments(x, *, axis: int = 1, mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -191,3 +191,120 @@ def test_variance_for_update_applies_bessel_where_the_convention_does(name):
     np.testing.assert_array_equal(_numpy(unbiased), [4.0, 2.5])  # 2 * 2 / 1, 2 * 5 / 4: exact in binary
     biased = spec.variance_for_update(spec.get_convention("keras"), var, count, xp=xp)
     np.testing.assert_array_equal(_numpy(biased), [2.0, 2.0])
+
+
+def _centered_reference(x, mask, eps):
+    """``(x - mean, 1 / sqrt(var + eps))`` in float64 from the weighted moments, cast to x's float32."""
+    xd, wd = x.astype(np.float64), mask.astype(np.float64)
+    count = wd.sum(axis=AXES, keepdims=True)
+    mean = (wd * xd).sum(axis=AXES, keepdims=True) / count
+    var = (wd * (xd - mean) ** 2).sum(axis=AXES, keepdims=True) / count
+    return (xd - mean).astype(np.float32), (1.0 / np.sqrt(var + eps)).astype(np.float32)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite-centered"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_backward_coefficient_form_matches_autograd(name, masked, overwrite, batch, rng):
+    """The coefficient form (what the layers call) against torch autograd, as the closed form above."""
+    xp, tensor = NAMESPACES[name]
+    x, mask = batch
+    weights = mask if masked else np.ones_like(x)
+    gamma = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    _, scale, count, dx_want, dgamma_want = _autograd_reference(x, gamma, dy, weights, 1e-3)
+    centered, inv_sigma = _centered_reference(x, weights, 1e-3)
+    dx, dgamma, dbeta = spec.backward_coefficient_form(
+        tensor(dy),
+        tensor(centered),
+        tensor(inv_sigma),
+        tensor(scale),
+        AXES,
+        count=tensor(count),
+        weights=tensor(mask) if masked else None,
+        xp=xp,
+        overwrite_centered=overwrite,
+    )
+    np.testing.assert_allclose(_numpy(dx), dx_want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_numpy(dgamma).reshape(-1), dgamma_want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_numpy(dbeta).reshape(-1), dy.astype(np.float64).sum(axis=AXES), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_backward_coefficient_form_equals_the_reference_closed_form_in_float64(masked, batch, rng):
+    """Why the NumPy reference keeps its own form: the two differ by float64 rounding only.
+
+    Values are of order 1 and each channel sums m = 30 of them, so either form rounds by at most
+    ~m ulp (30 * 2.2e-16 ~ 7e-15); 1e-13 is a 15x margin, and any wrong term would be O(1) off.
+    """
+    x, mask = (a.astype(np.float64) for a in batch)
+    weights = mask if masked else np.ones_like(x)
+    gamma = rng.uniform(0.5, 2.0, (1, 3, 1))
+    dy = rng.uniform(-1, 1, x.shape)
+    stats = spec.shifted_moments(x, AXES, weights=weights if masked else None, refine=False)
+    inv_sigma = 1.0 / np.sqrt(stats.var + 1e-3)
+    centered = x - stats.mean
+    kwargs = {"count": stats.count, "weights": weights if masked else None}
+    want = spec.backward_closed_form(dy, centered * inv_sigma, gamma * inv_sigma, AXES, **kwargs)
+    got = spec.backward_coefficient_form(dy, centered, inv_sigma, gamma * inv_sigma, AXES, **kwargs)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_shifted_moments_returns_its_centered_values_and_a_number_count(name, batch):
+    """``return_centered`` gives ``x - shift`` exactly; ``count_as_number`` a Python number where no sum is needed."""
+    xp, tensor = NAMESPACES[name]
+    x, mask = batch
+    stats, centered = spec.shifted_moments(tensor(x), AXES, return_centered=True, count_as_number=True, xp=xp)
+    np.testing.assert_array_equal(_numpy(centered), _numpy(tensor(x) - stats.shift))
+    if name == "keras":  # a traced batch size is unknown until run time: the count stays an array
+        np.testing.assert_array_equal(_numpy(stats.count).reshape(-1), np.full(3, 30.0))
+    else:
+        assert isinstance(stats.count, float) and stats.count == 30.0
+    masked = spec.shifted_moments(tensor(x), AXES, weights=tensor(mask), count_as_number=True, xp=xp)
+    np.testing.assert_array_equal(_numpy(masked.count).reshape(-1), mask.astype(np.float64).sum(axis=AXES))
+    plain = spec.shifted_moments(tensor(x), AXES, xp=xp)  # the default keeps its keepdims count
+    assert not isinstance(plain.count, float)
+
+
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_multiply_add_is_x_times_a_plus_b(name, rng):
+    xp, tensor = NAMESPACES[name]
+    x, b = (rng.uniform(-2, 2, (4, 3, 5)).astype(np.float32) for _ in range(2))
+    a = rng.uniform(-2, 2, (1, 3, 1)).astype(np.float32)
+    got = spec.namespace(xp).multiply_add(tensor(x), tensor(a), tensor(b))
+    # one float32 product and sum of values of order 1: torch may fuse them (one rounding fewer),
+    # so 2 ulp of the result's magnitude (~6) bounds the difference from the two-rounding NumPy form
+    np.testing.assert_allclose(_numpy(got), x * a + b, rtol=0, atol=2 * 6 * 2**-23)
+
+
+def test_torch_multiply_add_reuses_only_a_temporary_it_may(rng):
+    """``overwrite`` writes into the named operand only where autograd does not record and shapes fit."""
+    ns = spec.namespace(torch)
+    x, b = (torch.as_tensor(rng.uniform(-2, 2, (4, 3, 5)).astype(np.float32)) for _ in range(2))
+    a = torch.as_tensor(rng.uniform(-2, 2, (1, 3, 1)).astype(np.float32))
+    want = x * a + b
+    with torch.no_grad():
+        into_x = ns.multiply_add(x.clone(), a, b, overwrite="x")
+        x_copy = x.clone()
+        assert ns.multiply_add(x_copy, a, b, overwrite="x").data_ptr() == x_copy.data_ptr()
+        b_copy = b.clone()
+        assert ns.multiply_add(x, a, b_copy, overwrite="b").data_ptr() == b_copy.data_ptr()
+        small = a.clone()  # the result is x-sized: a per-channel operand cannot hold it
+        assert ns.multiply_add(small, x, b, overwrite="x").shape == x.shape
+        torch.testing.assert_close(small, a, rtol=0, atol=0)
+    torch.testing.assert_close(into_x, want)
+    recorded = x.clone().requires_grad_()
+    y = ns.multiply_add(recorded, a, b, overwrite="x")  # autograd records: out of place
+    assert y.data_ptr() != recorded.data_ptr() and y.requires_grad
+    torch.testing.assert_close(recorded.detach(), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_variance_for_update_takes_a_python_count(name):
+    xp, tensor = NAMESPACES[name]
+    var = tensor(np.array([2.0, 3.0]))
+    got = spec.variance_for_update(spec.get_convention("torch"), var, 5.0, xp=xp)
+    np.testing.assert_array_equal(_numpy(got), [2.5, 3.75])  # 2 * 5 / 4, 3 * 5 / 4: exact in binary
+    assert np.all(_numpy(spec.variance_for_update(spec.get_convention("torch"), var, 1.0, xp=xp)) == [2.0, 3.0])

@@ -7,7 +7,8 @@ per channel c over the m values that share it (over every replica's batch when s
                                var = mean((x - shift)^2) - delta^2  (biased)
     spec.inference_affine      scale = gamma / sqrt(var + eps), offset = beta - mean * scale
     spec.normalize             y = (x - mean) * scale + beta
-    spec.backward_closed_form  dx = gamma / (m * sigma) * (m * dy - dbeta - x_hat * dgamma)
+    spec.backward_coefficient_form  dx = gamma / (m * sigma) * (m * dy - dbeta - x_hat * dgamma),
+                               as dx = a * dy + b * (x - mean) + c with per-channel a, b, c
     spec.new_value_weight, spec.variance_for_update, spec.moving_average   (the running statistics)
 
 This module adds only PyTorch's bookkeeping: the autograd Function, dtypes (float32 or float64;
@@ -65,35 +66,31 @@ def _reduction_dims(x: Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
 
-class _TorchNamespace(spec.arrays.Namespace):
-    """spec's namespace for torch, with a ``values_per_channel`` TorchDynamo traces inside an autograd.Function.
-
-    spec's version passes a generator to ``math.prod``; torch 2.13's Dynamo cannot trace a generator
-    inside a Function's forward ("LocalGeneratorObjectVariable"), so ``torch.compile(fullgraph=True)``
-    would break there. Same value, from a list.
-    """
-
-    def values_per_channel(self, x: Tensor, axes) -> float:
-        return float(math.prod([x.shape[a] for a in axes]))
-
-
 #: The array namespace every spec call here gets (``xp=``).
-_TORCH = _TorchNamespace(torch)
+_TORCH = spec.arrays.namespace(torch)
 
 
 def _spec_all_reduce_sum(all_reduce_sum: Any) -> Any:
     return spec.identity if all_reduce_sum is None else all_reduce_sum
 
 
-def _statistics(x: Tensor, all_reduce_sum: Any = None) -> spec.ShiftedMoments:
+def _statistics(x: Tensor, all_reduce_sum: Any = None, return_centered: bool = False) -> Any:
     """``spec.shifted_moments`` of NC... input over every dim but the channels (SPEC.md §2, §7, §8).
 
     Keepdims ``(count, mean, var, shift, delta)``: the shift is a first estimate of the mean and
     ``delta`` its correction, computed on the small residuals ``x - shift``, so float32 input with
     ``|mean| >> std`` keeps the accuracy the spec gets from float64. Differentiable (the backward
     under ``create_graph=True`` and the jvp call it again to rebuild the statistics from x).
+    ``return_centered=True``: ``(stats, x - shift)``, the difference the second round computed.
     """
-    return spec.shifted_moments(x, _reduction_dims(x), all_reduce_sum=_spec_all_reduce_sum(all_reduce_sum), xp=_TORCH)
+    return spec.shifted_moments(
+        x,
+        _reduction_dims(x),
+        all_reduce_sum=_spec_all_reduce_sum(all_reduce_sum),
+        return_centered=return_centered,
+        count_as_number=True,
+        xp=_TORCH,
+    )
 
 
 def _keepdims(parameter: Tensor | None, x: Tensor) -> Tensor | None:
@@ -111,14 +108,16 @@ def _training_forward(
 
     ``spec.inference_affine`` applied to (delta, var) gives ``scale = gamma / sigma`` and
     ``offset = beta - delta * scale``, so ``y = (x - shift) * scale + offset = (x - mean) * scale + beta``
-    with the large shift subtracted before any rounding of the scaled values (SPEC.md §8).
+    with the large shift subtracted before any rounding of the scaled values (SPEC.md §8). ``x - shift``
+    is the statistics' own temporary, reused for y (autograd does not record inside the Function).
     """
-    stats = _statistics(x, all_reduce_sum)
+    stats, centered = _statistics(x, all_reduce_sum, return_centered=True)
     scale, offset = spec.inference_affine(
         stats.delta, stats.var, _keepdims(weight, x), _keepdims(bias, x), eps=eps, xp=_TORCH
     )
-    y = spec.normalize(x - stats.shift, scale, offset)
-    return y, stats.mean, stats.var, torch.rsqrt(stats.var + eps), stats.count
+    y = spec.normalize(centered, scale, offset, xp=_TORCH, overwrite_centered=True)
+    count = stats.count if isinstance(stats.count, Tensor) else x.new_full([1] * x.dim(), stats.count)
+    return y, stats.mean, stats.var, torch.rsqrt(stats.var + eps), count
 
 
 class _BatchNormTrain(torch.autograd.Function):
@@ -160,16 +159,19 @@ class _BatchNormTrain(torch.autograd.Function):
                 raise RuntimeError("second derivatives through a synchronized BN (all_reduce_sum) are not supported")
             stats = _statistics(x)
             mean, count, inv_sigma = stats.mean, stats.count, torch.rsqrt(stats.var + ctx.eps)
-        x_hat = spec.normalize(x - mean, inv_sigma)
+        elif ctx.all_reduce_sum is None:  # local: the count is x's shape, a Python number (no tensor op)
+            count = _TORCH.values_per_channel(x, _reduction_dims(x))
         scale = inv_sigma if weight is None else _keepdims(weight, x) * inv_sigma
-        dx, dgamma, dbeta = spec.backward_closed_form(
+        dx, dgamma, dbeta = spec.backward_coefficient_form(
             dy,
-            x_hat,
+            x - mean,
+            inv_sigma,
             scale,
             _reduction_dims(x),
             count=count,
             all_reduce_sum=_spec_all_reduce_sum(ctx.all_reduce_sum),
             xp=_TORCH,
+            overwrite_centered=True,  # x - mean is ours; torch reuses it for dx unless autograd records
         )
         dweight = dgamma.view(-1).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         dbias = dbeta.view(-1).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
@@ -240,7 +242,8 @@ def batch_norm_infer(
     scale, _ = spec.inference_affine(
         _keepdims(mean, xc), _keepdims(var, xc), _keepdims(weight, xc), None, eps=eps, xp=_TORCH
     )
-    return _as(spec.normalize(xc - _keepdims(mean, xc), scale, _keepdims(bias, xc)), x.dtype)
+    y = spec.normalize(xc - _keepdims(mean, xc), scale, _keepdims(bias, xc), xp=_TORCH, overwrite_centered=True)
+    return _as(y, x.dtype)
 
 
 @torch.jit.ignore
@@ -270,8 +273,7 @@ def update_running_stats_(
             assert num_batches_tracked is not None, f"convention {convention!r} needs num_batches_tracked"
             batches_before = num_batches_tracked.to(torch.float64) - 1.0  # the caller counted this batch
         weight = spec.new_value_weight(conv, converted, batches_before, xp=_TORCH)
-        count64 = torch.tensor(float(count), dtype=torch.float64)
-        var_in = spec.variance_for_update(conv, batch_var.detach().to(torch.float64), count64, xp=_TORCH)
+        var_in = spec.variance_for_update(conv, batch_var.detach().to(torch.float64), float(count), xp=_TORCH)
         old = torch.stack([running_mean, running_var]).to(torch.float64)
         new = torch.stack([batch_mean.detach().to(torch.float64), var_in])
         blended = spec.moving_average(old, new, weight)
