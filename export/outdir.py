@@ -162,11 +162,8 @@ def _is_dead(owner: dict[str, Any]) -> bool | None:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def manifest(root: Path, *, exclude: frozenset[str] = frozenset()) -> list[dict[str, Any]]:

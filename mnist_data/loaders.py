@@ -560,11 +560,8 @@ def default_cache_dir(name: str) -> Path:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _fetch(url: str, target: Path, md5: str, timeout: float) -> None:

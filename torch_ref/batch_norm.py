@@ -401,6 +401,21 @@ def _check_arguments(
             raise TypeError(f"{label} must be a bool, got {value!r}")
 
 
+def batch_norm_options(module: _TorchBatchNorm) -> dict[str, Any]:
+    """The constructor arguments any ``torch.nn``/``torch_ref`` BatchNorm*d shares, read from ``module``.
+
+    For code that swaps one BN class for another (``SyncBatchNorm.convert_sync_batchnorm``, the ONNX export's
+    ``torch.nn`` twin) without forgetting one of them.
+    """
+    return {
+        "num_features": module.num_features,
+        "eps": module.eps,
+        "momentum": module.momentum,
+        "affine": module.affine,
+        "track_running_stats": module.track_running_stats,
+    }
+
+
 class _BatchNorm(_TorchBatchNorm):
     """Bookkeeping shared by BatchNorm1d/2d/3d: torch.nn's parameters, buffers and state_dict; our forward.
 

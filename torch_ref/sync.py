@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from torch_ref.batch_norm import _BatchNorm, _train
+from torch_ref.batch_norm import _BatchNorm, _train, batch_norm_options
 
 
 def all_reduce_sum(group=None) -> Callable[[list[Tensor]], list[Tensor]]:
@@ -94,11 +94,7 @@ class SyncBatchNorm(_BatchNorm):
         """
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
             new = cls(
-                module.num_features,
-                eps=module.eps,
-                momentum=module.momentum,
-                affine=module.affine,
-                track_running_stats=module.track_running_stats,
+                **batch_norm_options(module),
                 process_group=process_group,
                 device="meta",  # placeholders only: every tensor is replaced by the module's own below
                 bias=module.bias is not None if module.affine else True,

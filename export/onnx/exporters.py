@@ -175,7 +175,7 @@ def _with_torch_batch_norm(model):
     """
     from torch import nn
 
-    from torch_ref.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+    from torch_ref.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm_options
 
     swap = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, BatchNorm3d: nn.BatchNorm3d}
     model = copy.deepcopy(model)
@@ -184,13 +184,7 @@ def _with_torch_batch_norm(model):
             target = swap.get(type(child))
             if target is None:
                 continue
-            replacement = target(
-                child.num_features,
-                eps=child.eps,
-                momentum=child.momentum,
-                affine=child.affine,
-                track_running_stats=child.track_running_stats,
-            )
+            replacement = target(**batch_norm_options(child))
             replacement.load_state_dict(child.state_dict())
             setattr(parent, name, replacement)
     return model
