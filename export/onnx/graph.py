@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+import spec
+
 __all__ = [
     "BATCH_DIM",
     "OPSET",
@@ -72,8 +74,7 @@ class BatchNormParams:
         """Per-channel ``(scale, shift)`` in float64: scale = gamma / sqrt(var + eps), shift = beta - mean * scale."""
         gamma, beta, mean, var = (np.asarray(a, np.float64).reshape(-1) for a in self.arrays())
         # eps enters as float32, as every runtime stores it (the ONNX attribute is a float32).
-        scale = gamma / np.sqrt(var + np.float64(np.float32(self.epsilon)))
-        return scale, beta - mean * scale
+        return spec.inference_affine(mean, var, gamma, beta, eps=float(np.float32(self.epsilon)), xp=np)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(gamma, beta, mean, var), the order of BatchNormalization's inputs 1-4."""
