@@ -178,8 +178,8 @@ def _measure(name: str, args: argparse.Namespace) -> dict:
                 files[form] = export_torch(
                     exportable, Path(tmp) / f"{form}.onnx", fold=fold, input_shape=(3, size, size)
                 )
-            except RuntimeError as error:  # export_torch refuses a graph whose BNs its optimizer cannot fold
-                onnx_error = str(error)  # (DenseNet: BN after a concatenation, no Conv to fold it into)
+            except RuntimeError as error:  # the exporter fails on a graph: the row says why, the others still run
+                onnx_error = str(error)  # (a BN with nothing to fold into is no failure: it becomes Mul/Add)
                 break
         onnx = {
             form: compare_pair(form, run_ort(path, x32, batch_size=64), "keras", k32) for form, path in files.items()
@@ -264,11 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     names = args.models or [*TORCH_MODELS, *KERAS_MODELS]
     rows: list[dict] = []
     if args.json and args.json.exists() and args.models:  # a partial rerun replaces its models' rows only
-        rows = [row for row in json.loads(args.json.read_text())["rows"] if row["model"] not in names]
+        rows = json.loads(args.json.read_text())["rows"]
+    order = [row["model"] for row in rows]  # a replaced row keeps its place (the README table's order)
+    rows = [row for row in rows if row["model"] not in names]
     info = machine_info()
     for name in names:
         try:
             rows.append(_measure(name, args))
+            rows.sort(key=lambda row: order.index(row["model"]) if row["model"] in order else len(order))
         except Exception as error:  # one model's failure is reported, the others still run
             print(f"{name}: FAILED {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             continue
