@@ -15,7 +15,8 @@ Per model, with ``export.agreement.compare_pair``'s measure (max |Δ| / max(1, m
   whose masks the two frameworks draw differently);
 - ``onnx_kept`` / ``onnx_folded``: ONNX Runtime (float32, graph optimizations off as in
   ``export.runtimes.run_ort``) on the PyTorch side's exports (``export_torch``, dynamo: BN nodes
-  kept, and folded by the exporter) vs the Keras float32 logits. A Keras source exports its
+  kept, and folded by the exporter, with the BN it cannot fold as affine Mul/Add: DenseNet121's
+  pre-activation BNs after concatenations) vs the Keras float32 logits. A Keras source exports its
   ``from_keras`` module with plain BNs (``tests._convert_models.onnx_exportable``: same inference;
   a convention-carrying BN would export as elementwise ops). ``export_keras`` (tf2onnx) is not
   used: its BN restoration does not find MobileNetV2's projection BNs;
@@ -26,9 +27,9 @@ Per model, with ``export.agreement.compare_pair``'s measure (max |Δ| / max(1, m
     nice -n 10 python bench/bench_convert.py --json docs/results/convert.json
     nice -n 10 python bench/bench_convert.py --json docs/results/convert.json --models DenseNet121  # its row only
 
-``export_torch`` refuses a graph whose BN nodes the exporter's optimizer leaves unfolded, even for the
-BN-kept form: DenseNet121's pre-activation BNs follow concatenations, so it has no ONNX figures (the
-row says why). A model that fails is reported and skipped; the JSON is rewritten after every model.
+``--models`` with an existing ``--json`` replaces those rows in place and keeps the others. An ONNX
+export that fails leaves the row's ONNX figures None with ``onnx_error`` saying why. A model that
+fails is reported and skipped; the JSON is rewritten after every model.
 
 Threads: TF intra-op 1, inter-op 1; torch 1; ORT 1 (printed with the CPU).
 """
