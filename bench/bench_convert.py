@@ -15,7 +15,8 @@ Per model, with ``export.agreement.compare_pair``'s measure (max |Δ| / max(1, m
   whose masks the two frameworks draw differently);
 - ``onnx_kept`` / ``onnx_folded``: ONNX Runtime (float32, graph optimizations off as in
   ``export.runtimes.run_ort``) on the PyTorch side's exports (``export_torch``, dynamo: BN nodes
-  kept, and folded by the exporter) vs the Keras float32 logits. A Keras source exports its
+  kept, and folded by the exporter, with the BN it cannot fold as affine Mul/Add: DenseNet121's
+  pre-activation BNs after concatenations) vs the Keras float32 logits. A Keras source exports its
   ``from_keras`` module with plain BNs (``tests._convert_models.onnx_exportable``: same inference;
   a convention-carrying BN would export as elementwise ops). ``export_keras`` (tf2onnx) is not
   used: its BN restoration does not find MobileNetV2's projection BNs;
@@ -26,9 +27,9 @@ Per model, with ``export.agreement.compare_pair``'s measure (max |Δ| / max(1, m
     nice -n 10 python bench/bench_convert.py --json docs/results/convert.json
     nice -n 10 python bench/bench_convert.py --json docs/results/convert.json --models DenseNet121  # its row only
 
-``export_torch`` refuses a graph whose BN nodes the exporter's optimizer leaves unfolded, even for the
-BN-kept form: DenseNet121's pre-activation BNs follow concatenations, so it has no ONNX figures (the
-row says why). A model that fails is reported and skipped; the JSON is rewritten after every model.
+``--models`` with an existing ``--json`` replaces those rows in place and keeps the others. An ONNX
+export that fails leaves the row's ONNX figures None with ``onnx_error`` saying why. A model that
+fails is reported and skipped; the JSON is rewritten after every model.
 
 Threads: TF intra-op 1, inter-op 1; torch 1; ORT 1 (printed with the CPU).
 """
@@ -178,8 +179,8 @@ def _measure(name: str, args: argparse.Namespace) -> dict:
                 files[form] = export_torch(
                     exportable, Path(tmp) / f"{form}.onnx", fold=fold, input_shape=(3, size, size)
                 )
-            except RuntimeError as error:  # export_torch refuses a graph whose BNs its optimizer cannot fold
-                onnx_error = str(error)  # (DenseNet: BN after a concatenation, no Conv to fold it into)
+            except RuntimeError as error:  # the exporter fails on a graph: the row says why, the others still run
+                onnx_error = str(error)  # (a BN with nothing to fold into is no failure: it becomes Mul/Add)
                 break
         onnx = {
             form: compare_pair(form, run_ort(path, x32, batch_size=64), "keras", k32) for form, path in files.items()
@@ -264,11 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     names = args.models or [*TORCH_MODELS, *KERAS_MODELS]
     rows: list[dict] = []
     if args.json and args.json.exists() and args.models:  # a partial rerun replaces its models' rows only
-        rows = [row for row in json.loads(args.json.read_text())["rows"] if row["model"] not in names]
+        rows = json.loads(args.json.read_text())["rows"]
+    order = [row["model"] for row in rows]  # a replaced row keeps its place (the README table's order)
+    rows = [row for row in rows if row["model"] not in names]
     info = machine_info()
     for name in names:
         try:
             rows.append(_measure(name, args))
+            rows.sort(key=lambda row: order.index(row["model"]) if row["model"] in order else len(order))
         except Exception as error:  # one model's failure is reported, the others still run
             print(f"{name}: FAILED {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             continue

@@ -18,6 +18,11 @@ torch              NCHW     ``torch.onnx.export(dynamo=True, optimize=False)``: 
 torch-folded       NCHW     ``torch.onnx.export(dynamo=True, optimize=True)``: onnxscript's optimizer folds
                             BN into Conv/Gemm (float32 arithmetic); tests check ours matches it.
 =================  =======  ============================================================================
+
+A folded form has no ``BatchNormalization`` node: a BN with no Conv/Gemm/MatMul to fold into
+(DenseNet's BN after a Concat) becomes its affine map Mul/Add by
+:func:`~export.onnx.fold.affine_batchnorm`. ``metadata_props`` ``bn_folded_into_producer`` and
+``bn_affine_map`` count the two kinds.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export.onnx.fold import fold_batchnorm
+from export.onnx.fold import affine_batchnorm, fold_batchnorm
 from export.onnx.graph import (
     OPSET,
     BatchNormParams,
@@ -145,10 +150,12 @@ def _keras_graphs(model, opset: int) -> tuple[onnx.ModelProto, dict[str, str]]:
     return restore_batchnorm(onnx_model, keras_batchnorm_params(model)), {**_keras_metadata(model), "opset": str(opset)}
 
 
-def _finish(model: onnx.ModelProto, props: dict[str, str], form: str, folded_by: str, path) -> Path:
+def _finish(model: onnx.ModelProto, props: dict[str, str], form: str, folded_by: str | dict[str, str], path) -> Path:
+    """Stamp, check and save; ``folded_by`` is the folder's name, or the metadata :func:`_fold_rest` returned."""
+    fold_props = folded_by if isinstance(folded_by, dict) else {"bn_folded_by": folded_by}
     if not props["bn_layers"]:  # plain LeNet: nothing was kept or folded
-        form, folded_by = "none", ""
-    model = finalize(model, {**props, "bn_form": form, "bn_folded_by": folded_by})
+        form, fold_props = "none", {"bn_folded_by": ""}
+    model = finalize(model, {**props, "bn_form": form, **fold_props})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path)
@@ -157,13 +164,27 @@ def _finish(model: onnx.ModelProto, props: dict[str, str], form: str, folded_by:
 
 _OUR_FOLD = "export.onnx.fold (float64)"
 _TORCH_FOLD = "onnxscript optimizer via torch.onnx.export(optimize=True) (float32)"
+_OUR_AFFINE = "export.onnx.fold.affine_batchnorm (float64) for the BN with nothing to fold into"
+
+
+def _fold_rest(model: onnx.ModelProto, kept: int, folded_by: str) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """``model`` (with ``kept`` BN before any fold) with its remaining BN as affine maps, and the fold's metadata."""
+    rest = len(batchnorm_nodes(model))
+    if rest:
+        model, folded_by = affine_batchnorm(model), f"{folded_by}; {_OUR_AFFINE}"
+    return model, {"bn_folded_by": folded_by, "bn_folded_into_producer": str(kept - rest), "bn_affine_map": str(rest)}
+
+
+def _keras_folded(graph: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
+    return _fold_rest(fold_batchnorm(graph, strict=False), len(batchnorm_nodes(graph)), _OUR_FOLD)
 
 
 def export_keras(model, path: str | os.PathLike[str], *, fold: bool = False, opset: int = OPSET) -> Path:
     """Export a built Keras model to ONNX with BN as ``BatchNormalization`` nodes, or folded by us if ``fold``."""
     graph, props = _keras_graphs(model, opset)
     if fold:
-        return _finish(fold_batchnorm(graph), props, "folded", _OUR_FOLD, path)
+        folded, fold_props = _keras_folded(graph)
+        return _finish(folded, props, "folded", fold_props, path)
     return _finish(graph, props, "batchnorm", "", path)
 
 
@@ -190,8 +211,11 @@ def _with_torch_batch_norm(model):
     return model
 
 
-def _torch_graphs(model, opset: int, input_shape: Sequence[int]) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
-    """(BN-node graph from optimize=False, the same program after the exporter's optimizer, metadata)."""
+def _torch_graphs(
+    model, opset: int, input_shape: Sequence[int]
+) -> tuple[onnx.ModelProto, onnx.ModelProto, dict, dict[str, str]]:
+    """(BN-node graph from optimize=False, the same program after the exporter's optimizer with the BN it
+    could not fold as affine maps, metadata, the folded graph's fold metadata)."""
     import torch
     from torch import nn
 
@@ -216,8 +240,8 @@ def _torch_graphs(model, opset: int, input_shape: Sequence[int]) -> tuple[onnx.M
         folded = program.model_proto
     for graph in (unfolded, folded):
         set_io(graph, INPUT_NAME, OUTPUT_NAME)
-    if batchnorm_nodes(folded):
-        raise RuntimeError(f"the exporter's optimizer left {len(batchnorm_nodes(folded))} BN nodes unfolded")
+    # The optimizer folds BN into a Conv/Gemm before it and leaves the others (DenseNet: BN after Concat).
+    folded, fold_props = _fold_rest(folded, len(batchnorm_nodes(unfolded)), _TORCH_FOLD)
     layers = [(n, m) for n, m in export_model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     props = {
         "model": getattr(model, "name", None) or f"lenet_bn_torch ({type(model).__name__})",
@@ -230,7 +254,7 @@ def _torch_graphs(model, opset: int, input_shape: Sequence[int]) -> tuple[onnx.M
         "producer": _PRODUCER,
         "opset": str(opset),
     }
-    return unfolded, folded, props
+    return unfolded, folded, props, fold_props
 
 
 def export_torch(
@@ -244,11 +268,11 @@ def export_torch(
     """Export a PyTorch model (NCHW input, ``input_shape`` per image) with the dynamo exporter.
 
     ``fold=False`` keeps BN as ``BatchNormalization``; ``fold=True`` is the exporter's own folded
-    graph (its onnxscript optimizer), and fails if any BN node survives.
+    graph (its onnxscript optimizer), with any BN it cannot fold written as its affine map (Mul/Add).
     """
-    unfolded, folded, props = _torch_graphs(model, opset, input_shape)
+    unfolded, folded, props, fold_props = _torch_graphs(model, opset, input_shape)
     if fold:
-        return _finish(folded, props, "folded", _TORCH_FOLD, path)
+        return _finish(folded, props, "folded", fold_props, path)
     return _finish(unfolded, props, "batchnorm", "", path)
 
 
@@ -267,12 +291,11 @@ def export_all(
     out_dir = Path(out_dir)
     names = {form: stem + name.removeprefix("lenet_bn") for form, name in FORMS.items()}
     keras_graph, keras_props = _keras_graphs(keras_model, opset)
-    torch_unfolded, torch_folded, torch_props = _torch_graphs(torch_model, opset, input_shape)
+    torch_unfolded, torch_folded, torch_props, torch_fold_props = _torch_graphs(torch_model, opset, input_shape)
+    keras_folded, keras_fold_props = _keras_folded(keras_graph)
     return {
         "keras": _finish(keras_graph, keras_props, "batchnorm", "", out_dir / names["keras"]),
-        "keras-folded": _finish(
-            fold_batchnorm(keras_graph), keras_props, "folded", _OUR_FOLD, out_dir / names["keras-folded"]
-        ),
+        "keras-folded": _finish(keras_folded, keras_props, "folded", keras_fold_props, out_dir / names["keras-folded"]),
         "torch": _finish(torch_unfolded, torch_props, "batchnorm", "", out_dir / names["torch"]),
-        "torch-folded": _finish(torch_folded, torch_props, "folded", _TORCH_FOLD, out_dir / names["torch-folded"]),
+        "torch-folded": _finish(torch_folded, torch_props, "folded", torch_fold_props, out_dir / names["torch-folded"]),
     }

@@ -16,6 +16,10 @@ first, as the ONNX attribute stores it) and rounded to float32 once, so each fol
 half an ulp of the exact product. Exporters that fold in float32 (onnxscript) differ from ours by
 about one ulp; a folded network differs from the unfolded one by float32 re-association only
 (the product is rounded before the convolution sum instead of after).
+
+A BN with no such op before it (DenseNet's pre-activation BN after a Concat, a BN after an Add)
+has nothing to fold into: :func:`affine_batchnorm` writes it as its affine map, ``Mul(z, s)`` then
+``Add(., t)``, with s and t from the same float64 computation rounded once to the BN's dtype.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from export.onnx.graph import BatchNormParams, _drop_unused
 
-__all__ = ["fold_batchnorm", "fold_weights"]
+__all__ = ["affine_batchnorm", "fold_batchnorm", "fold_weights"]
 
 
 def fold_weights(
@@ -191,5 +195,57 @@ def fold_batchnorm(model: onnx.ModelProto, *, strict: bool = True) -> onnx.Model
             if strict:
                 raise
         g = _Graph(out.graph)  # producers and initializers changed
+    _drop_unused(out.graph)
+    return out
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    return {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+        if v.type.tensor_type.HasField("shape")
+    }
+
+
+def _affine_one(g: _Graph, bn: onnx.NodeProto, ranks: dict[str, int]) -> None:
+    params = _bn_params(g, bn)
+    where = f"BatchNormalization {bn.name!r}"
+    rank = ranks.get(bn.input[0])
+    if rank is None or rank < 2:
+        raise ValueError(f"{where}: the rank of its input {bn.input[0]!r} is unknown, so its channel axis is too")
+    scale, shift = params.affine()
+    # ONNX BN normalizes axis 1; (C, 1, ..., 1) broadcasts against (N, C, d1, ...) from the right.
+    shape = (params.channels,) + (1,) * (rank - 2)
+    dtype = numpy_helper.to_array(g.init[bn.input[1]]).dtype
+    name = bn.name or bn.output[0]
+    scale_name = g.add_initializer(scale.reshape(shape).astype(dtype), f"{name}.affine_scale")
+    shift_name = g.add_initializer(shift.reshape(shape).astype(dtype), f"{name}.affine_shift")
+    values = {v for n in g.graph.node for v in (*n.input, *n.output)} | set(g.init)
+    scaled, k = f"{name}.affine_scaled", 0
+    while scaled in values:
+        k += 1
+        scaled = f"{name}.affine_scaled_{k}"
+    mul = helper.make_node("Mul", [bn.input[0], scale_name], [scaled], name=f"{name}.affine_mul")
+    add = helper.make_node("Add", [scaled, shift_name], [bn.output[0]], name=f"{name}.affine_add")
+    at = list(g.graph.node).index(bn)
+    g.graph.node.remove(bn)
+    g.graph.node.insert(at, add)
+    g.graph.node.insert(at, mul)
+
+
+def affine_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of ``model`` with every inference BN replaced by its affine map ``Mul(z, s)``, ``Add(., t)``.
+
+    s = gamma / sqrt(var + eps), t = beta - mean * s by ``spec.inference_affine`` in float64 (eps as
+    float32), rounded once to the BN's dtype and shaped (C, 1, ..., 1) for channel axis 1. Meant for
+    the BN that :func:`fold_batchnorm` cannot fold; a training-mode BN raises ValueError naming it.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    ranks = _ranks(out)
+    g = _Graph(out.graph)
+    for bn in [n for n in out.graph.node if n.op_type == "BatchNormalization"]:
+        _affine_one(g, bn, ranks)
     _drop_unused(out.graph)
     return out

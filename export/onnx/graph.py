@@ -74,7 +74,7 @@ class BatchNormParams:
         """Per-channel ``(scale, shift)`` in float64: scale = gamma / sqrt(var + eps), shift = beta - mean * scale."""
         gamma, beta, mean, var = (np.asarray(a, np.float64).reshape(-1) for a in self.arrays())
         # eps enters as float32, as every runtime stores it (the ONNX attribute is a float32).
-        return spec.inference_affine(mean, var, gamma, beta, eps=np.float64(np.float32(self.epsilon)))
+        return spec.inference_affine(mean, var, gamma, beta, eps=float(np.float32(self.epsilon)), xp=np)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(gamma, beta, mean, var), the order of BatchNormalization's inputs 1-4."""
