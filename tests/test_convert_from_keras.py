@@ -219,3 +219,39 @@ def test_dropout_noise_shape_drops_whole_samples() -> None:
     assert bool((kept.all(1) | ~kept.any(1)).all())  # all or nothing per sample
     assert 0 < int(kept.all(1).sum()) < 64
     torch.testing.assert_close(y[kept.all(1)], 2.0 * x[kept.all(1)], rtol=0, atol=0)  # scaled by 1 / (1 - rate)
+
+
+# (max_value, negative_slope, threshold): each of the branches of Keras' ReLU.static_call.
+RELU_OPTIONS = {
+    "relu6-native-op": (6.0, 0.0, 0.0),
+    "relu-clip4": (4.0, 0.0, 0.0),
+    "leaky": (None, 0.1, 0.0),
+    "leaky-relu6": (6.0, 0.1, 0.0),
+    "threshold": (None, 0.0, 0.5),
+    "threshold-leaky-clip4": (4.0, 0.1, 0.5),
+}
+
+
+@pytest.mark.parametrize("options", list(RELU_OPTIONS.values()), ids=list(RELU_OPTIONS))
+def test_relu_value_and_gradient_match_keras_at_the_kinks(options) -> None:
+    """At x = 0, threshold and max_value a ReLU's gradient is a convention; the converted one must take Keras'.
+
+    Oracle: TensorFlow's own gradient of the Keras layer (e.g. Relu6Grad is 0 at x == 6, a clip's is 1
+    at its bound). Exact: every value and gradient here is x, 0, 1 or the slope times a small binary fraction.
+    """
+    import tensorflow as tf
+
+    max_value, negative_slope, threshold = options
+    points = np.array([-1.0, 0.0, 0.25, 0.5, 1.0, 4.0, 6.0, 7.0])
+    with floatx("float64"):
+        model = keras.Sequential([keras.Input((points.size,)), L.ReLU(max_value, negative_slope, threshold)])
+    x = tf.constant(points[None])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        expected = model(x)
+    expected_gradient = tape.gradient(expected, x).numpy()
+    x_torch = torch.tensor(points[None], requires_grad=True)
+    actual = from_keras(model)(x_torch)
+    actual.sum().backward()
+    np.testing.assert_array_equal(actual.detach().numpy(), expected.numpy())
+    np.testing.assert_array_equal(x_torch.grad.numpy(), expected_gradient)

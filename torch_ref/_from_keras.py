@@ -177,7 +177,11 @@ def _convert_pool(layer: keras.Layer) -> nn.Module:
 
 def _convert_relu(layer: keras.layers.ReLU) -> nn.Module:
     max_value = None if layer.max_value is None else float(layer.max_value)
-    return ops.ReLU(max_value, float(layer.negative_slope), float(layer.threshold))
+    slope = float(layer.negative_slope)
+    # The slope as Keras' backend applies it in its leaky_relu branch (TensorFlow: via float32).
+    minus_one = keras.ops.cast(-1.0, layer.compute_dtype)
+    leaky_slope = -float(keras.ops.convert_to_numpy(keras.ops.leaky_relu(minus_one, slope))) if slope else 0.0
+    return ops.ReLU(max_value, slope, float(layer.threshold), leaky_slope)
 
 
 def _convert_rescaling(layer: keras.layers.Rescaling) -> nn.Module:

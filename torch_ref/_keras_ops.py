@@ -93,19 +93,39 @@ class Activation(nn.Module):
 
 
 class ReLU(nn.Module):
-    """``keras.layers.ReLU``: ``x`` above ``threshold``, ``negative_slope * (x - threshold)`` below, capped."""
+    """``keras.layers.ReLU``: ``x`` above ``threshold``, ``negative_slope * (x - threshold)`` below, capped.
 
-    def __init__(self, max_value: float | None, negative_slope: float, threshold: float) -> None:
+    Built from the same pieces as Keras (``keras/src/activations/activations.py``, ``ReLU.static_call``),
+    so the value and the gradient agree also at the kinks: at ``x == threshold`` (Keras keeps ``x`` only
+    where ``x > threshold``) and at ``x == 6`` with ``max_value=6``, where Keras calls ``relu6``, whose
+    gradient is 0 there, while a clip's gradient at its bound is 1. ``leaky_slope``: the slope Keras'
+    backend really uses in its plain leaky-ReLU branch (TensorFlow's LeakyRelu takes a float32 attribute,
+    so 0.1 is 0.10000000149 also in float64); ``negative_slope`` when None.
+    """
+
+    def __init__(
+        self, max_value: float | None, negative_slope: float, threshold: float, leaky_slope: float | None = None
+    ) -> None:
         super().__init__()
         self.max_value, self.negative_slope, self.threshold = max_value, negative_slope, threshold
+        self.leaky_slope = negative_slope if leaky_slope is None else leaky_slope
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.negative_slope == 0.0 and self.threshold == 0.0:
-            y = F.relu(x)
+        slope, threshold, max_value = self.negative_slope, self.threshold, self.max_value
+        if slope != 0.0 and max_value is None and threshold == 0.0:
+            return F.leaky_relu(x, self.leaky_slope)
+        clip = max_value is not None
+        if threshold != 0.0:
+            y = torch.where(x > threshold, x, torch.zeros_like(x))
+        elif max_value == 6.0:
+            y, clip = F.relu6(x), False  # TF's Relu6Grad: 0 at both ends, like hardtanh's
         else:
-            below = self.negative_slope * (x - self.threshold) if self.negative_slope else torch.zeros_like(x)
-            y = torch.where(x >= self.threshold, x, below)
-        return y if self.max_value is None else torch.clamp(y, max=self.max_value)
+            y = F.relu(x)
+        if clip:
+            y = torch.clamp(y, 0.0, max_value)
+        if slope != 0.0:
+            y = y - slope * F.relu(threshold - x)
+        return y
 
     def extra_repr(self) -> str:
         return f"max_value={self.max_value}, negative_slope={self.negative_slope}, threshold={self.threshold}"
