@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: float32 logits of a ~45k-parameter net differ by re-association only: ~1e-6 relative in practice
-#: (4e-6 on logits up to 9 for the Keras export in ORT); 1e-5 is the issue's bound.
+#: (4e-6 on logits up to 9 for the Keras export in ORT); 1e-5 is SPEC.md §8.4's float32 bound for y.
 RTOL = 1e-5
 
 #: runtime name -> what runs. "ort:<form>" is ONNX Runtime on that export form (graph optimizations

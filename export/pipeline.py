@@ -166,7 +166,7 @@ def agreement_summary(result: Any) -> dict[str, Any]:
         "onnx_files": {str(form): Path(path) for form, path in result.onnx_files.items()},
         "passed": bool(result.passed),
         "n_inputs": int(result.n_inputs),
-        # export.agreement.RTOL is the issue's bound: max|a - b| <= rtol * max(1, max|logit|), argmax 100%.
+        # export.agreement.RTOL (SPEC.md §8.4's float32 bound): max|a - b| <= rtol * max(1, max|logit|), argmax 100%.
         "tolerance": {"rel_to_max_logit": float(result.rtol), "argmax_agreement": 1.0},
         # skipped runtimes (deploy extra missing), runtime versions, LiteRT BN form: reported as they come
         "summary": result.summary(),
