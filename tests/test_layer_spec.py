@@ -248,8 +248,8 @@ def test_normalize_with_moving_uses_stored_statistics_in_training(rng, normalize
 # --- bad input -------------------------------------------------------------------------------------
 
 BAD_ARGUMENTS = [
-    ("eps-zero", {"epsilon": 0.0}, "epsilon must be finite and > 0"),
-    ("eps-negative", {"epsilon": -1e-3}, "epsilon must be finite and > 0"),
+    ("eps-zero", {"epsilon": 0.0}, r"epsilon must be > 0 and finite, got 0\.0"),
+    ("eps-negative", {"epsilon": -1e-3}, r"epsilon must be > 0 and finite, got -0\.001"),
     ("momentum-above-1", {"momentum": 1.5}, r"must be in \[0, 1\]"),
     ("momentum-negative", {"convention": "torch", "momentum": -0.1}, r"must be in \[0, 1\]"),
     ("momentum-not-a-number", {"momentum": "fast"}, "momentum must be a number"),
