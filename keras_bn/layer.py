@@ -107,17 +107,15 @@ def _hyperparameters(convention: str, momentum, epsilon) -> spec.Hyperparameters
     """spec's one check of (convention, momentum, eps), in Keras' spelling.
 
     ``None`` means the convention's default; torch's ``momentum=None`` (cumulative average) is
-    spelled ``"cumulative"``. ``epsilon`` is checked first under Keras' name for it.
+    spelled ``"cumulative"``. spec's messages name ``epsilon``, Keras' name for eps.
     """
-    if epsilon is not None:
-        epsilon = _check_number("epsilon", epsilon, low=-math.inf)
-        if not 0.0 < epsilon < math.inf:
-            raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
     if momentum is None:
         momentum = spec.DEFAULT
     elif isinstance(momentum, str) and momentum == CUMULATIVE:
         momentum = None
-    return spec.check_hyperparameters(convention, momentum, spec.DEFAULT if epsilon is None else epsilon)
+    return spec.check_hyperparameters(
+        convention, momentum, spec.DEFAULT if epsilon is None else epsilon, eps_name="epsilon"
+    )
 
 
 def _check_statistics_options(stats_update, normalize_with, fused) -> None:
@@ -149,7 +147,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
     parent's methods run (its ``__init__`` and ``build`` are replaced, not extended).
 
     Every argument of ``keras.layers.BatchNormalization`` (Keras 3.15) means what it means
-    there (validated: ``axis`` an int, ``epsilon`` finite and > 0, momenta in [0, 1],
+    there (validated: ``axis`` an int, ``epsilon`` > 0 and finite, momenta in [0, 1],
     ``renorm_clipping`` values >= 0, flags True/False; a bad one raises naming it), plus:
 
     Args:

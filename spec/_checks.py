@@ -60,11 +60,15 @@ def real_number(value, name: str) -> float:
     return float(value)
 
 
-def positive_eps(eps: float) -> float:
-    """``eps`` is added to a variance before its square root (SPEC.md §1): a finite real > 0."""
-    eps = real_number(eps, "eps")
+def positive_eps(eps: float, name: str = "eps") -> float:
+    """``eps`` is added to a variance before its square root (SPEC.md §1): a finite real > 0.
+
+    ``name`` is the argument's name in the caller's API (Keras calls it ``epsilon``), so the message
+    names what the user passed.
+    """
+    eps = real_number(eps, name)
     if not (eps > 0.0 and math.isfinite(eps)):  # the comparison also rejects NaN
-        raise ValueError(f"eps must be > 0 and finite, got {eps}")
+        raise ValueError(f"{name} must be > 0 and finite, got {eps}")
     return eps
 
 

@@ -147,16 +147,17 @@ class Hyperparameters(NamedTuple):
     eps: float
 
 
-def check_hyperparameters(convention: str, momentum=DEFAULT, eps=DEFAULT) -> Hyperparameters:
+def check_hyperparameters(convention: str, momentum=DEFAULT, eps=DEFAULT, *, eps_name: str = "eps") -> Hyperparameters:
     """The one check of (convention, momentum, eps) every implementation runs; defaults from the convention.
 
     A ``ValueError`` names the problem: an unknown convention, a momentum that is not a number
     in [0, 1] (SPEC.md §5), ``None`` where the convention has no cumulative average, an ``eps``
-    that is not a finite number > 0 (SPEC.md §1).
+    that is not a finite number > 0 (SPEC.md §1). ``eps_name`` is eps's name in the caller's API
+    (``epsilon`` in Keras), so the message names the argument the user passed.
     """
     conv = get_convention(convention)
     momentum = _check_momentum(conv, conv.default_momentum if momentum is DEFAULT else momentum)
-    eps = positive_eps(conv.default_eps if eps is DEFAULT else eps)
+    eps = positive_eps(conv.default_eps if eps is DEFAULT else eps, eps_name)
     return Hyperparameters(conv, momentum, eps)
 
 

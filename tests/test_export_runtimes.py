@@ -165,7 +165,7 @@ def test_a_bad_onnx_file_is_named_in_the_error(content, message, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "images", [np.zeros((0, 28, 28), np.uint8), np.zeros((0, 28, 28, 1), np.float32)], ids=["uint8", "float32-nhwc"]
+    "images", [np.zeros((0, 28, 28), np.uint8), np.zeros((0, 28, 28, 1), np.float32)], ids=["uint8", "nhwc-float32"]
 )
 def test_zero_images_is_a_value_error_naming_the_argument(images):
     keras_model, torch_model = trained_pair("ours")

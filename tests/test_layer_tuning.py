@@ -58,7 +58,7 @@ def test_environment_forces_the_path_without_timing(monkeypatch, mode, expected)
     assert tuning.use_fused((8, 6, 6, 7), 3, "float32") is expected  # the rule would refuse 7 channels
 
 
-@pytest.mark.parametrize("shape", [(8, 6, 6, 4), (8, 6, 6, 7), (128, 84)], ids=["nhwc-c4", "nhwc-c7", "dense"])
+@pytest.mark.parametrize("shape", [(8, 6, 6, 4), (8, 6, 6, 7), (128, 84)], ids=["nhwc-c4", "nhwc-c7", "nc-c84"])
 def test_rule_mode_is_the_fixed_rule(monkeypatch, shape):
     _no_timing(monkeypatch)
     monkeypatch.setenv(tuning.MODE_VARIABLE, "rule")

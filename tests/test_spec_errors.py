@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cases import case
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -272,18 +273,24 @@ def test_merge_ignores_empty_replicas_whatever_their_mean():
 
 # ----------------------------------------------------------------------------------- empty training batch (SPEC §9)
 
-EMPTY_BATCHES = {
-    "dense-0-rows": ((0, 3), 1),
-    "nchw-0-rows": ((0, 3, 4, 4), 1),
-    "nhwc-0-rows": ((0, 4, 4, 3), -1),
-    "ncl-empty-length": ((2, 3, 0), 1),
-}
+# (layout, shape, channel axis, what is empty)
+EMPTY_BATCHES = [
+    ("nc", (0, 3), 1, "0-rows"),
+    ("nchw", (0, 3, 4, 4), 1, "0-rows"),
+    ("nhwc", (0, 4, 4, 3), -1, "0-rows"),
+    ("ncl", (2, 3, 0), 1, "empty-length"),
+]
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-@pytest.mark.parametrize("name", list(EMPTY_BATCHES))
-def test_empty_training_batch_gives_empty_output_and_no_statistic(name, dtype):
-    shape, axis = EMPTY_BATCHES[name]
+@pytest.mark.parametrize(
+    ("shape", "axis", "dtype"),
+    [
+        case(shape, axis, dtype, layout=layout, dtype=dtype, detail=empty)
+        for layout, shape, axis, empty in EMPTY_BATCHES
+        for dtype in ("float16", "float32", "float64")
+    ],
+)
+def test_empty_training_batch_gives_empty_output_and_no_statistic(shape, axis, dtype):
     x = np.zeros(shape, dtype)
     y, mean, var = spec.batch_norm_train(x, G, B, axis=axis)
     assert y.shape == shape and y.dtype == x.dtype
@@ -312,7 +319,7 @@ def test_empty_batch_leaves_moving_statistics_unchanged(name):
     np.testing.assert_array_equal(new_var, running_var)
 
 
-@pytest.mark.parametrize("convention", ["keras", "torch"], ids=["biased-keras", "unbiased-torch"])
+@pytest.mark.parametrize("convention", ["keras", "torch"])  # biased and unbiased (Bessel) updates
 def test_an_empty_channel_keeps_its_statistics_and_the_others_update(convention):
     running_mean, running_var = np.array([0.5, -2.0, 3.0]), np.array([1.5, 0.25, 4.0])
     batch_mean, batch_var = np.array([1.0, np.nan, 2.0]), np.array([2.0, np.nan, 0.5])

@@ -4,7 +4,8 @@ Oracles are independent of spec: NumPy's own float64 ``mean``/``var``, autograd 
 forward (torch), the hand-written affine map and the Python-number path of ``new_value_weight``
 (which the golden vectors pin). Inputs are float32 in [-3, 3] around an offset of 10, so every
 float32 result carries a relative rounding of a few ulp (6e-8 each) times the reduction depth:
-rtol 1e-5 and atol 1e-5 (values of order 1) leave a 10x margin and catch any wrong term.
+tests/numerics.py's "rerounded" float32 bound, 1e-5 + 1e-5 relative (values of order 1), leaves a 10x
+margin and catches any wrong term.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import threading
 
 import numpy as np
 import pytest
+from cases import case, momentum_id
+from numerics import close, tolerance
 
 import spec
 
@@ -20,7 +23,7 @@ torch = pytest.importorskip("torch")
 keras = pytest.importorskip("keras")
 ops = keras.ops
 
-RTOL = ATOL = 1e-5
+TOL = tolerance("rerounded", "float32", "y")
 AXES = (0, 2)  # (N, C, L): channels on axis 1
 NAMESPACES = {
     "numpy": (np, np.asarray),
@@ -53,7 +56,7 @@ def test_shifted_moments_match_numpy_float64(name, refine, masked, batch):
     mean = (wd * xd).sum(axis=AXES) / count
     var = (wd * (xd - mean[None, :, None]) ** 2).sum(axis=AXES) / count
     for got, want in ((stats.count, count), (stats.mean, mean), (stats.var, var)):
-        np.testing.assert_allclose(_numpy(got).reshape(-1) * np.ones(3), want, rtol=RTOL, atol=ATOL)
+        close(_numpy(got).reshape(-1) * np.ones(3), want, TOL)
 
 
 def _two_replicas(work):
@@ -88,8 +91,8 @@ def test_shifted_moments_sum_over_replicas(batch):
     xd = x.astype(np.float64)
     for stats in results:
         np.testing.assert_allclose(_numpy(stats.count).reshape(-1), np.full(3, 30.0))
-        np.testing.assert_allclose(_numpy(stats.mean).reshape(-1), xd.mean(axis=AXES), rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(_numpy(stats.var).reshape(-1), xd.var(axis=AXES), rtol=RTOL, atol=ATOL)
+        close(_numpy(stats.mean).reshape(-1), xd.mean(axis=AXES), TOL)
+        close(_numpy(stats.var).reshape(-1), xd.var(axis=AXES), TOL)
 
 
 def _autograd_reference(x, gamma, dy, mask, eps):
@@ -123,12 +126,10 @@ def test_backward_closed_form_over_replicas(batch, rng):
 
     results = _two_replicas(work)
     dx = np.concatenate([_numpy(r[0]) for r in results])
-    np.testing.assert_allclose(dx, dx_want, rtol=RTOL, atol=ATOL)
+    close(dx, dx_want, TOL)
     local_dgamma = [_numpy(r[1]).reshape(-1) for r in results]
-    np.testing.assert_allclose(
-        local_dgamma[0], (dy[:2] * x_hat[:2]).astype(np.float64).sum(axis=AXES), rtol=RTOL, atol=ATOL
-    )
-    np.testing.assert_allclose(sum(local_dgamma), dgamma_want, rtol=RTOL, atol=ATOL)
+    close(local_dgamma[0], (dy[:2] * x_hat[:2]).astype(np.float64).sum(axis=AXES), TOL)
+    close(sum(local_dgamma), dgamma_want, TOL)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
@@ -150,9 +151,9 @@ def test_backward_closed_form_matches_autograd(name, masked, batch, rng):
         weights=tensor(mask) if masked else None,
         xp=xp,
     )
-    np.testing.assert_allclose(_numpy(dx), dx_want, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(_numpy(dgamma).reshape(-1), dgamma_want, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(_numpy(dbeta).reshape(-1), dy.astype(np.float64).sum(axis=AXES), rtol=RTOL, atol=ATOL)
+    close(_numpy(dx), dx_want, TOL)
+    close(_numpy(dgamma).reshape(-1), dgamma_want, TOL)
+    close(_numpy(dbeta).reshape(-1), dy.astype(np.float64).sum(axis=AXES), TOL)
 
 
 @pytest.mark.parametrize("centered", [False, True], ids=["no-beta", "beta"])
@@ -166,15 +167,20 @@ def test_inference_affine_is_the_hand_written_map(name, centered, rng):
     )
     want_scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + 1e-5)
     want_shift = (beta if centered else 0.0) - mean.astype(np.float64) * want_scale
-    np.testing.assert_allclose(_numpy(scale), want_scale, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(_numpy(shift), want_shift, rtol=RTOL, atol=ATOL)
+    close(_numpy(scale), want_scale, TOL)
+    close(_numpy(shift), want_shift, TOL)
 
 
-WEIGHTS = [("caffe", 0.999, 7), ("caffe", 0.5, 3), ("caffe", 1.0, 4), ("caffe", 0.0, 2), ("torch", None, 9)]
+# (convention, momentum, batches counted)
+COUNTERS = [("caffe", 0.999, 7), ("caffe", 0.5, 3), ("caffe", 1.0, 4), ("caffe", 0.0, 2), ("torch", None, 9)]
+WEIGHTS = [
+    case(name, convention, momentum, n, peer=name, convention=convention, detail=f"{momentum_id(momentum)}-n{n}")
+    for name in ("keras", "torch")
+    for convention, momentum, n in COUNTERS
+]
 
 
-@pytest.mark.parametrize(("convention", "momentum", "n"), WEIGHTS, ids=[f"{c}-{m}-n{n}" for c, m, n in WEIGHTS])
-@pytest.mark.parametrize("name", ["keras", "torch"])
+@pytest.mark.parametrize(("name", "convention", "momentum", "n"), WEIGHTS)
 def test_new_value_weight_on_a_counter_tensor_equals_the_number_path(name, convention, momentum, n):
     """float64 counter tensors (the layers' num_batches_tracked) give the Python path's weight to 1e-15."""
     xp, tensor = NAMESPACES[name]

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 from _peer_errors import PeerErrors
+from numerics import Tolerance
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
@@ -87,6 +88,7 @@ def test_onnx_node_case_through_spec(name):
     # ONNX computed these expectations in float32 NumPy; |y| <= ~6 here, so a few float32 ulps
     # (1.2e-7 relative) of the intermediates bound the difference: 1e-5 relative + 1e-6 absolute.
     # ONNX's own declared tolerance for these cases is looser (rtol 1e-3, atol 1e-7).
+    tol = Tolerance(1e-5, 1e-6, "ONNX's float32 NumPy expectations, |y| <= ~6: a few float32 ulps")
     if attrs.get("training_mode", 0):
         y, batch_mean, batch_var = spec.batch_norm_train(x, scale, bias, axis=1, eps=eps)
         count = x.size // x.shape[1]
@@ -94,13 +96,13 @@ def test_onnx_node_case_through_spec(name):
             mean, var, batch_mean, batch_var, count, convention="onnx", momentum=momentum
         )
         want_y, want_mean, want_var = outputs
-        agree("onnx node cases", y, want_y, rtol=1e-5, atol=1e-6, what=f"{name}: Y")
-        agree("onnx node cases", new_mean, want_mean, rtol=1e-5, atol=1e-6, what=f"{name}: running_mean")
-        agree("onnx node cases", new_var, want_var, rtol=1e-5, atol=1e-6, what=f"{name}: running_var")
+        agree("onnx node cases", y, want_y, tol, what=f"{name}: Y")
+        agree("onnx node cases", new_mean, want_mean, tol, what=f"{name}: running_mean")
+        agree("onnx node cases", new_var, want_var, tol, what=f"{name}: running_var")
     else:
         (want_y,) = outputs
         y = spec.batch_norm_infer(x, scale, bias, mean, var, axis=1, eps=eps)
-        agree("onnx node cases", y, want_y, rtol=1e-5, atol=1e-6, what=f"{name}: Y")
+        agree("onnx node cases", y, want_y, tol, what=f"{name}: Y")
     assert y.dtype == want_y.dtype == np.float32
 
 
@@ -245,13 +247,14 @@ def test_reference_evaluator_onnx_sequence_vector():
     infer = _evaluator("float32", "float32", 4, training=False, eps=a["eps"], momentum=a["momentum"])
     rm, rv = i["running_mean"], i["running_var"]
     # float32 end to end in ONNX; values O(1): 1e-5 relative + 2e-6 absolute is ~10 float32 ulps.
+    tol = Tolerance(1e-5, 2e-6, "float32 ONNX steps of O(1) values: ~10 float32 ulps")
     for k, x in enumerate(i["x"]):
         y, rm, rv = _run(train, x, i["gamma"], i["beta"], rm, rv, a["axis"])
-        agree("onnx.reference", y, o["y"][k], rtol=1e-5, atol=2e-6, what=f"step {k}: Y")
-        agree("onnx.reference", rm, o["running_mean"][k], rtol=1e-5, atol=2e-6, what=f"step {k}: running_mean")
-        agree("onnx.reference", rv, o["running_var"][k], rtol=1e-5, atol=2e-6, what=f"step {k}: running_var")
+        agree("onnx.reference", y, o["y"][k], tol, what=f"step {k}: Y")
+        agree("onnx.reference", rm, o["running_mean"][k], tol, what=f"step {k}: running_mean")
+        agree("onnx.reference", rv, o["running_var"][k], tol, what=f"step {k}: running_var")
     (y_eval,) = _run(infer, i["x_eval"], i["gamma"], i["beta"], rm, rv, a["axis"])
-    agree("onnx.reference", y_eval, o["y_eval"], rtol=1e-5, atol=2e-6, what="inference after 3 steps")
+    agree("onnx.reference", y_eval, o["y_eval"], tol, what="inference after 3 steps")
 
 
 def test_reference_evaluator_large_offset_float32():

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from cases import case_id, momentum_id
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -203,18 +204,21 @@ def test_merge_moments_of_any_split_equals_moments_of_the_whole(case, cuts):
 CONVENTIONS = [c.name for c in spec.list_conventions()]
 
 
+MOMENTUM_CONVERSIONS = [
+    (0.99, "keras", "torch", 0.01),
+    (0.9, "onnx", "torch", 0.1),
+    (0.1, "torch", "keras", 0.9),
+    (0.999, "caffe", "torch", 0.001),
+    (0.9, "d2l", "onnx", 0.1),
+    (0.99, "tf1", "keras", 0.99),
+    (0.3, "torch", "d2l", 0.3),
+]
+
+
 @pytest.mark.parametrize(
     ("value", "src", "dst", "expected"),
-    [
-        (0.99, "keras", "torch", 0.01),
-        (0.9, "onnx", "torch", 0.1),
-        (0.1, "torch", "keras", 0.9),
-        (0.999, "caffe", "torch", 0.001),
-        (0.9, "d2l", "onnx", 0.1),
-        (0.99, "tf1", "keras", 0.99),
-        (0.3, "torch", "d2l", 0.3),
-    ],
-    ids=lambda v: str(v),
+    MOMENTUM_CONVERSIONS,
+    ids=[case_id(convention=f"{src}-to-{dst}", detail=momentum_id(v)) for v, src, dst, _ in MOMENTUM_CONVERSIONS],
 )
 def test_convert_momentum_known_values(value, src, dst, expected):
     assert spec.convert_momentum(value, src, dst) == pytest.approx(expected, abs=1e-15)  # 1 - 0.99 in binary

@@ -146,6 +146,6 @@ def test_torch_momentum_none_is_the_cumulative_mean_of_batch_statistics():
             bn(torch.from_numpy(x))
         means.append(x.mean(axis=0))
         unbiased.append(x.var(axis=0, ddof=1))
-    # float64 averages of 10 O(1) numbers: 1e-12 relative is rounding-level.
-    agree("torch.nn.BatchNorm", bn.running_mean, np.mean(means, axis=0), rtol=1e-12, atol=1e-12)
-    agree("torch.nn.BatchNorm", bn.running_var, np.mean(unbiased, axis=0), rtol=1e-12, atol=1e-12)
+    # float64 averages of 10 O(1) numbers: SPEC §8.4's float64 statistics bound (1e-12) is rounding-level.
+    agree("torch.nn.BatchNorm", bn.running_mean, np.mean(means, axis=0), TOL["float64"]["stat"], what="running_mean")
+    agree("torch.nn.BatchNorm", bn.running_var, np.mean(unbiased, axis=0), TOL["float64"]["stat"], what="running_var")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from _sync_workers import EPS, SPLITS, TORCH_MOMENTUM, bn_cases, keras_mirrored, to_nchw, torch_gloo
-from numerics import close, tolerance
+from numerics import EXACT, close, tolerance
 
 import spec
 import torch_ref
@@ -114,9 +114,9 @@ def test_single_process_sync_is_the_local_layer(cls, rng):
     reference = torch_ref.BatchNorm2d(4, momentum=0.3)
     reference.load_state_dict(local.state_dict())
     y, want = synced(x), reference(x)
-    torch.testing.assert_close(y, want, rtol=0, atol=0)  # the same code path, so bit-identical
+    close(y, want, EXACT, same_dtype=True)  # the same code path, so bit-identical
     for key, value in reference.state_dict().items():
-        torch.testing.assert_close(synced.state_dict()[key], value, rtol=0, atol=0)
+        close(synced.state_dict()[key], value, EXACT, what=key, same_dtype=True)
 
 
 def test_convert_lenet_replaces_every_batch_norm():

@@ -47,12 +47,13 @@ def mnist_batches(mnist_test):
 
 
 RUNS = {
-    # id: dtype, optimizer, lr, momentum, torch BN, Keras loop, follow Keras' ReLU/pool decisions
-    "float64-sgd-tape-torch.nn": ("float64", "sgd", 0.05, 0.9, "torch", "tape", False),
-    "float64-adam-tape-torch_ref": ("float64", "adam", 1e-3, 0.0, "ours", "tape", False),
-    "float64-sgd-fit-torch_ref": ("float64", "sgd", 0.05, 0.9, "ours", "fit", False),
-    "float32-sgd-routed-torch.nn": ("float32", "sgd", 0.05, 0.9, "torch", "tape", True),
-    "float32-adam-routed-torch_ref": ("float32", "adam", 1e-3, 0.0, "ours", "tape", True),
+    # id ({peer}-{dtype}-{detail} as tests/cases.py): dtype, optimizer, lr, momentum, torch BN, Keras loop,
+    # follow Keras' ReLU/pool decisions
+    "torch.nn-float64-sgd-tape": ("float64", "sgd", 0.05, 0.9, "torch", "tape", False),
+    "torch_ref-float64-adam-tape": ("float64", "adam", 1e-3, 0.0, "ours", "tape", False),
+    "torch_ref-float64-sgd-fit": ("float64", "sgd", 0.05, 0.9, "ours", "fit", False),
+    "torch.nn-float32-sgd-routed": ("float32", "sgd", 0.05, 0.9, "torch", "tape", True),
+    "torch_ref-float32-adam-routed": ("float32", "adam", 1e-3, 0.0, "ours", "tape", True),
 }
 _HISTORIES: dict[str, tuple[list[StepDivergence], dict[str, np.ndarray]]] = {}
 
@@ -97,7 +98,7 @@ def _stat_names(state: dict) -> list[str]:
 # sqrt(v) + 1e-7: the pre-BN biases' gradients are float64 rounding noise (~1e-13), which Adam turns
 # into steps of lr * noise / eps ~ 1e-9 that differ between the frameworks; 1e-7 bounds 50 of them.
 FLOAT64_PARAM_TOL = {"sgd": 1e-11, "adam": 1e-7}
-FLOAT64_IDS = [r for r in RUNS if r.startswith("float64")]
+FLOAT64_IDS = [run_id for run_id, run in RUNS.items() if run[0] == "float64"]
 
 
 @pytest.mark.slow  # lockstep float64 training
@@ -139,7 +140,7 @@ def test_float32_sgd_stays_within_1e_4_when_routing_agrees(mnist_batches) -> Non
     relative in conv2's output and in the variance bn2 tracks (measured up to 1.1e-4 relative, bn2's
     running variance ~10); 5e-4 relative to max(1, |value|) holds that with room.
     """
-    history, state = _run("float32-sgd-routed-torch.nn", mnist_batches)
+    history, state = _run("torch.nn-float32-sgd-routed", mnist_batches)
     params = [n for n in state if n not in _stat_names(state)]
     worst, name, step = _worst(history, params)
     assert worst <= 1e-4, f"{name} differs by {worst:.3e} at step {step}"
@@ -165,7 +166,7 @@ def test_float32_adam_agrees_except_along_directions_bn_cancels(mnist_batches) -
     d = keras - torch taken before step t, w = 0.1, to 3e-5 (what it leaves out: float32 activation
     differences upstream, ~1e-6, times |W|).
     """
-    history, state = _run("float32-adam-routed-torch_ref", mnist_batches)
+    history, state = _run("torch_ref-float32-adam-routed", mnist_batches)
     stats = _stat_names(state)
     bn_fed_linear = ["fc1.weight", "fc2.weight"]
     others = [n for n in state if n not in stats and n not in PRE_BN_BIASES and n not in bn_fed_linear]

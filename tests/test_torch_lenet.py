@@ -13,7 +13,7 @@ SUBMODULES = ["conv1", "bn1", "conv2", "bn2", "fc1", "bn3", "fc2", "bn4", "fc3"]
 @pytest.mark.parametrize(
     "batch_norm, params, stats",
     [("ours", 44_878, 452), ("torch", 44_878, 452), (None, 44_426, 0)],
-    ids=["ours", "torch", "no-bn"],
+    ids=["ours", "torch.nn", "no-bn"],
 )
 def test_parameter_counts_match_keras_lenet(batch_norm: str | None, params: int, stats: int) -> None:
     """Counts from the Keras model's summary (HELPERS.md): 44,878 trainable + 452 moving statistics with BN."""
@@ -24,7 +24,7 @@ def test_parameter_counts_match_keras_lenet(batch_norm: str | None, params: int,
     assert names == [n for n in SUBMODULES if batch_norm is not None or not n.startswith("bn")]
 
 
-@pytest.mark.parametrize("batch_norm", ["ours", "torch", None], ids=["ours", "torch", "no-bn"])
+@pytest.mark.parametrize("batch_norm", ["ours", "torch", None], ids=["ours", "torch.nn", "no-bn"])
 def test_forward_shape_and_nchw_input(batch_norm: str | None) -> None:
     model = torch_ref.lenet_bn(batch_norm, seed=0)
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)

@@ -26,6 +26,7 @@ import pickle
 import pytest
 import torch
 from _bn_state import randomize_bn_state_
+from cases import case
 from numerics import EXACT, Tolerance, close, tolerance
 from torch import nn
 
@@ -52,18 +53,31 @@ def _samples(info, dtype: torch.dtype, training: bool, requires_grad: bool = Tru
     return info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=requires_grad, training=training)
 
 
-def _sample_ids() -> list:
-    params = []
-    for info in INFOS:
-        for index, sample in enumerate(_samples(info, torch.float64, True, requires_grad=False)):
-            desc = sample.desc or "default"
-            params.append(pytest.param(info, index, id=f"{info.module_cls.__name__}-{desc}"))
-    return params
+def _peer(info) -> str:
+    return f"torch.nn.{info.module_cls.__name__}"
 
 
-SAMPLES = _sample_ids()
-assert len(SAMPLES) >= 20, f"module_db lists only {len(SAMPLES)} BatchNorm samples: did torch change it?"
-DTYPE_PARAMS = [pytest.param(dtype, id=name) for name, dtype in DTYPES.items()]
+def _sample_rows() -> list[tuple]:
+    """(info, index, description) of every BatchNorm sample module_db lists."""
+    return [
+        (info, index, sample.desc or "default")
+        for info in INFOS
+        for index, sample in enumerate(_samples(info, torch.float64, True, requires_grad=False))
+    ]
+
+
+def _with_dtypes(rows: list[tuple]) -> list:
+    """(info, index, dtype) rows, ids ``{peer}-{dtype}-{sample}`` (tests/cases.py's order)."""
+    return [
+        case(info, index, dtype, peer=_peer(info), dtype=name, detail=desc)
+        for info, index, desc in rows
+        for name, dtype in DTYPES.items()
+    ]
+
+
+SAMPLE_ROWS = _sample_rows()
+assert len(SAMPLE_ROWS) >= 20, f"module_db lists only {len(SAMPLE_ROWS)} BatchNorm samples: did torch change it?"
+SAMPLES = [case(info, index, peer=_peer(info), detail=desc) for info, index, desc in SAMPLE_ROWS]
 MODE_PARAMS = [pytest.param(training, id=name) for name, training in MODES.items()]
 
 
@@ -97,8 +111,7 @@ def _assert_same_state(ours: nn.Module, peer: nn.Module, tol: Tolerance, what: s
 
 
 @pytest.mark.parametrize("training", MODE_PARAMS)
-@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-@pytest.mark.parametrize("info, index", SAMPLES)
+@pytest.mark.parametrize("info, index, dtype", _with_dtypes(SAMPLE_ROWS))
 def test_forward_and_running_statistics_match_torch_nn(info, index, dtype, training) -> None:
     """Two forward calls: outputs, running mean/var and num_batches_tracked equal torch.nn's after each."""
     ours, peer, sample = _pair(info, index, dtype, training)
@@ -109,8 +122,7 @@ def test_forward_and_running_statistics_match_torch_nn(info, index, dtype, train
 
 
 @pytest.mark.parametrize("training", MODE_PARAMS)
-@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-@pytest.mark.parametrize("info, index", SAMPLES)
+@pytest.mark.parametrize("info, index, dtype", _with_dtypes(SAMPLE_ROWS))
 def test_gradients_match_torch_nn(info, index, dtype, training) -> None:
     ours, peer, sample = _pair(info, index, dtype, training)
     x_ours, x_peer = _twins(_input(sample))
@@ -168,8 +180,7 @@ def _non_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("training", MODE_PARAMS)
-@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-@pytest.mark.parametrize("info, index", SAMPLES)
+@pytest.mark.parametrize("info, index, dtype", _with_dtypes(SAMPLE_ROWS))
 def test_non_contiguous_input_and_gradient(info, index, dtype, training) -> None:
     """Strided x and dy give torch.nn's output and gradients (NaN in the skipped elements must not leak)."""
     ours, peer, sample = _pair(info, index, dtype, training)
@@ -185,12 +196,11 @@ def test_non_contiguous_input_and_gradient(info, index, dtype, training) -> None
 
 
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-SPATIAL_SAMPLES = [p for p in SAMPLES if p.values[0].module_cls is not nn.BatchNorm1d]
+SPATIAL_ROWS = [row for row in SAMPLE_ROWS if row[0].module_cls is not nn.BatchNorm1d]
 
 
 @pytest.mark.parametrize("training", MODE_PARAMS)
-@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-@pytest.mark.parametrize("info, index", SPATIAL_SAMPLES)
+@pytest.mark.parametrize("info, index, dtype", _with_dtypes(SPATIAL_ROWS))
 def test_channels_last_input(info, index, dtype, training) -> None:
     """channels_last input: torch.nn's values and gradients, and the output in the layout torch.nn returns."""
     ours, peer, sample = _pair(info, index, dtype, training)
@@ -229,8 +239,7 @@ def test_pickle_deepcopy_and_torch_save(info, index, training) -> None:
         _assert_same_state(copied, original, EXACT, how)
 
 
-@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-@pytest.mark.parametrize("info, index", SAMPLES)
+@pytest.mark.parametrize("info, index, dtype", _with_dtypes(SAMPLE_ROWS))
 def test_state_dict_round_trip_both_ways(info, index, dtype) -> None:
     """ours -> torch.nn -> ours: keys, version, values, and eval outputs all preserved."""
     ours, _, sample = _pair(info, index, dtype, False)
@@ -245,8 +254,7 @@ def test_state_dict_round_trip_both_ways(info, index, dtype) -> None:
     close(back(x), peer(x), TOL[dtype], scale="magnitude", what="eval y", same_dtype=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-@pytest.mark.parametrize("info, index", SAMPLES)
+@pytest.mark.parametrize("info, index, dtype", _with_dtypes(SAMPLE_ROWS))
 def test_factory_kwargs_to_and_repr(info, index, dtype) -> None:
     """dtype= / device= reach every float tensor (the counter stays int64), .to() and repr as torch.nn."""
     sample = _samples(info, dtype, True)[index]
@@ -274,12 +282,13 @@ def _error_inputs():
         for index, error in enumerate(errors):
             kwargs = error.module_error_input.constructor_input.kwargs
             label = "-".join(f"{k}{v}" for k, v in kwargs.items()) or str(index)
-            params.append(pytest.param(info, index, id=f"{info.module_cls.__name__}-{label}"))
+            params.extend(
+                case(info, index, dtype, peer=_peer(info), dtype=name, detail=label) for name, dtype in DTYPES.items()
+            )
     return params
 
 
-@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-@pytest.mark.parametrize("info, index", _error_inputs())
+@pytest.mark.parametrize("info, index, dtype", _error_inputs())
 def test_error_inputs_raise_torchs_error(info, index, dtype) -> None:
     """module_db's error inputs: the error type and message torch.nn gives, at the same stage."""
     errors = info.module_error_inputs_func(info, device="cpu", dtype=dtype, requires_grad=False, training=True)

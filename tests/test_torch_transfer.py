@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import torch
+from numerics import close, tolerance
 from torch import nn
 
 import keras_bn
@@ -43,6 +44,9 @@ def _torch_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+# Keras and torch logits of the same float32 weights: the same formulas summed in another order (oneDNN
+# in both, different blocking), bounded relative to the largest logit: 1e-5 * max(1, max |logit|).
+LOGITS_TOL = tolerance("summation-order", "float32")
 PAIRS = [("ours", "ours"), ("ours", "torch"), ("keras", "ours"), ("keras", "torch"), (None, None)]
 PAIR_IDS = ["keras_bn-torch_ref", "keras_bn-torch.nn", "keras.layers-torch_ref", "keras.layers-torch.nn", "no-bn"]
 
@@ -77,11 +81,8 @@ def test_same_logits_on_mnist_test_images(keras_bn_kind: str | None, torch_bn_ki
     keras_logits = keras_model.predict(to_nhwc_float(images), batch_size=1000, verbose=0)
     with torch.no_grad():
         torch_logits = torch_model(torch.from_numpy(to_nchw_float(images))).numpy()
-    # Tolerance from the issue: float32 through 5 layers with differently ordered sums (oneDNN in
-    # both, different blocking) stays within a few ulp of the largest logit.
-    scale = max(1.0, float(np.abs(torch_logits).max()))
-    diff = float(np.abs(keras_logits - torch_logits).max())
-    assert diff <= 1e-5 * scale, f"max |keras - torch| = {diff:.3e} > 1e-5 * {scale:.3g}"
+    # float32 through 5 layers with differently ordered sums stays within a few ulp of the largest logit.
+    close(keras_logits, torch_logits, LOGITS_TOL, scale="magnitude", what="keras vs torch logits")
     disagree = np.flatnonzero(keras_logits.argmax(1) != torch_logits.argmax(1))
     assert disagree.size == 0, f"argmax differs on test images {disagree[:10].tolist()}"
     assert keras_logits.shape == (10_000, 10)
@@ -183,8 +184,7 @@ def test_bn_over_the_channel_axis_transfers_with_equal_logits(axis: int) -> None
     x = np.random.default_rng(1).random((4, 8, 8, 1), dtype=np.float32)
     with torch.no_grad():
         expected = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    # float32 inference tolerance as in test_same_logits_on_mnist_test_images
-    np.testing.assert_allclose(keras_model(x).numpy(), expected, atol=1e-5 * max(1, np.abs(expected).max()))
+    close(keras_model(x), expected, LOGITS_TOL, scale="magnitude", what="logits")
 
 
 MISMATCHES = {
@@ -270,5 +270,4 @@ def test_new_epsilon_reaches_an_already_traced_predict() -> None:
     torch_ref.torch_to_keras(torch_model, keras_model)
     with torch.no_grad():
         expected = torch_model.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    # float32 inference tolerance as in test_same_logits_on_mnist_test_images
-    np.testing.assert_allclose(keras_model.predict(x, verbose=0), expected, atol=1e-5 * max(1, np.abs(expected).max()))
+    close(keras_model.predict(x, verbose=0), expected, LOGITS_TOL, scale="magnitude", what="logits")
