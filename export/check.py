@@ -6,8 +6,9 @@ running-variance convention), both are exported to ONNX with BN kept and BN fold
 ``keras-bn run`` does), and ``export.agreement.compare_runtimes`` compares every runtime pair on the images.
 
 Images: ``--images FILE.npz`` holding an array under the key :data:`IMAGES_KEY`, float32, shaped
-``(N, H, W, C)`` like the model's input; without it, :data:`DEFAULT_IMAGES` deterministic uniform [0, 1) images
-(NumPy ``default_rng(0)``), which the report says. Supported models: one channels-last image input
+``(N, H, W, C)`` like the model's input; or ``--images DIR``, a folder of image files (:func:`load_image_dir`:
+grayscale or RGB, pixels / 255, resized to the model's size); without it, :data:`DEFAULT_IMAGES` deterministic
+uniform [0, 1) images (NumPy ``default_rng(0)``), which the report says. Supported models: one channels-last image input
 ``(None, H, W, C)`` and one output; an unsupported layer is refused by the converter, naming the layer and its type.
 The NumPy float64 ``spec`` forward runs when it knows every layer (LeNet-style chains); otherwise the report lists
 it as skipped, with the reason.
@@ -31,7 +32,16 @@ from export import outdir
 from export import report as rpt
 from export.errors import UsageError
 
-__all__ = ["DEFAULT_IMAGES", "IMAGES_KEY", "CheckResult", "check_model", "load_images", "load_keras_model"]
+__all__ = [
+    "DEFAULT_IMAGES",
+    "IMAGES_KEY",
+    "IMAGE_SUFFIXES",
+    "CheckResult",
+    "check_model",
+    "load_image_dir",
+    "load_images",
+    "load_keras_model",
+]
 
 #: the key of the image array in ``--images FILE.npz``
 IMAGES_KEY = "images"
@@ -93,12 +103,52 @@ def _image_shape(model: Any) -> tuple[int, int, int]:
     return shape[1], shape[2], shape[3]
 
 
+#: image files ``--images DIR`` reads (Pillow decodes them)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def load_image_dir(directory: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, str]:
+    """Every image file in ``directory`` (sorted by name, not recursive) as float32 ``(N, H, W, C)`` in [0, 1].
+
+    Pixels are divided by 255 after conversion to grayscale (C = 1) or RGB (C = 3) and a bilinear resize to the
+    model's H x W where the size differs. This is not the model's own preprocessing: the check compares runtimes
+    on the same inputs, and says in the report how they were made. A file Pillow cannot decode is a UsageError
+    naming it; so is a folder without image files.
+    """
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as exc:
+        raise UsageError("--images DIR needs Pillow: pip install 'keras-bn[data]'") from exc
+    h, w, c = shape
+    if c not in (1, 3):
+        raise UsageError(f"--images {directory}: image files give 1 or 3 channels, the model takes {c}; use a .npz")
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UsageError(f"--images {directory} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    images, resized = [], 0
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image = image.convert("L" if c == 1 else "RGB")
+                if image.size != (w, h):
+                    image, resized = image.resize((w, h), Image.Resampling.BILINEAR), resized + 1
+                pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise UsageError(f"--images {directory}: cannot read {file.name}: {_first_line(exc)}") from exc
+        images.append(pixels.reshape(h, w, c))
+    mode = "grayscale" if c == 1 else "RGB"
+    described = (
+        f"{len(files)} image files from {directory} ({mode}, pixels / 255, {resized} resized bilinear to {h}x{w})"
+    )
+    return np.stack(images), described
+
+
 def load_images(path: str | os.PathLike[str], shape: tuple[int, int, int]) -> np.ndarray:
     """The float32 ``(N, H, W, C)`` array stored under :data:`IMAGES_KEY` in ``path`` (.npz), checked against
     ``shape`` (the model's H, W, C); anything else is a UsageError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--images {path} does not exist or is not a file")
+        raise UsageError(f"--images {path} does not exist or is not a file or a folder of images")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -259,6 +309,8 @@ def check_model(
     shape = _image_shape(keras_model)
     if images is None:
         x, described = default_images(shape), f"{DEFAULT_IMAGES} deterministic uniform [0, 1) images (default_rng(0))"
+    elif isinstance(images, str | os.PathLike) and Path(images).is_dir():
+        x, described = load_image_dir(Path(images), shape)
     elif isinstance(images, str | os.PathLike):
         x, described = load_images(images, shape), f"{images} (key {IMAGES_KEY!r})"
     else:

@@ -236,9 +236,10 @@ def _add_check_command(sub: argparse._SubParsersAction, common: argparse.Argumen
     check.add_argument(
         "--images",
         type=Path,
-        metavar="FILE.npz",
-        help="float32 images (N, H, W, C) under the key 'images' (np.savez(FILE, images=x)); default: 32 "
-        "deterministic uniform [0, 1) images",
+        metavar="DIR|FILE.npz",
+        help="a folder of image files (PNG, JPEG, ...: converted to the model's 1 or 3 channels, pixels / 255, "
+        "resized bilinear to its H x W), or float32 images (N, H, W, C) under the key 'images' "
+        "(np.savez(FILE, images=x)); default: 32 deterministic uniform [0, 1) images",
     )
     check.add_argument(
         "--out",

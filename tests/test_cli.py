@@ -823,6 +823,10 @@ def user_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     np.savez(root / "wrong_key.npz", x=images)
     (root / "notes.txt").write_text("not a model")
     (root / "fake.keras").write_text("not a zip archive")
+    (root / "no_images").mkdir()
+    (root / "no_images" / "readme.txt").write_text("no pictures here")
+    (root / "broken_images").mkdir()
+    (root / "broken_images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return files
 
 
@@ -844,6 +848,10 @@ def _check_bad_case(case: str, files: dict[str, Path]) -> tuple[list[str], str]:
         return [str(files["model"]), "--images", str(root / "wrong_dtype.npz")], "is float64 (8, 12, 12, 3); the mod"
     if case == "images-wrong-key":
         return [str(files["model"]), "--images", str(root / "wrong_key.npz")], "no array 'images' in it (found ['x'])"
+    if case == "images-dir-without-images":
+        return [str(files["model"]), "--images", str(root / "no_images")], "no_images holds no image files (.png"
+    if case == "images-dir-undecodable-file":
+        return [str(files["model"]), "--images", str(root / "broken_images")], "cannot read broken.png: "
     if case == "skip-unknown":
         return [str(files["model"]), "--skip", "torch"], "--skip torch: not an optional runtime"
     raise AssertionError(case)
@@ -860,6 +868,8 @@ def _check_bad_case(case: str, files: dict[str, Path]) -> tuple[list[str], str]:
         "images-wrong-shape",
         "images-wrong-dtype",
         "images-wrong-key",
+        "images-dir-without-images",
+        "images-dir-undecodable-file",
         "skip-unknown",
     ],
 )
@@ -883,6 +893,26 @@ def test_check_python_api_refuses_images_of_the_wrong_shape(user_files: dict[str
         export.check_model(user_files["model"], images=wrong)
 
 
+def test_check_reads_a_folder_of_image_files(tmp_path: Path) -> None:
+    """``--images DIR``: pixels / 255 exactly at the model's size; other sizes and modes converted and resized."""
+    from PIL import Image
+
+    from export.check import load_image_dir
+
+    rng = np.random.default_rng(3)
+    exact = rng.integers(0, 256, (*CHECK_IMAGE[:2], 3), dtype=np.uint8)
+    Image.fromarray(exact).save(tmp_path / "a_exact.png")
+    Image.fromarray(rng.integers(0, 256, (24, 20), dtype=np.uint8)).save(tmp_path / "b_gray_larger.png")
+    (tmp_path / "c_notes.txt").write_text("ignored: not an image file")
+    images, described = load_image_dir(tmp_path, CHECK_IMAGE)
+    assert images.dtype == np.float32 and images.shape == (2, *CHECK_IMAGE)
+    np.testing.assert_array_equal(images[0], exact.astype(np.float32) / np.float32(255))  # PNG is lossless
+    gray = images[1]
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 1])  # grayscale -> RGB repeats the channel
+    assert 0.0 <= gray.min() and gray.max() <= 1.0
+    assert described.startswith("2 image files from") and "1 resized bilinear to 12x12" in described
+
+
 def test_check_help_lists_images_default_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["--help"])
@@ -890,7 +920,7 @@ def test_check_help_lists_images_default_and_exit_codes(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         cli.main(["check", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--images FILE.npz" in help_text and "32 deterministic float32 images" in help_text
+    assert "--images DIR|FILE.npz" in help_text and "32 deterministic float32 images" in help_text
     for code, meaning in cli.EXIT_CODES.items():
         assert f"{code}: {meaning}" in help_text, code
 
