@@ -831,30 +831,24 @@ def user_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _check_bad_case(case: str, files: dict[str, Path]) -> tuple[list[str], str]:
-    root = files["model"].parent
-    if case == "missing-model":
-        return [str(root / "nope.keras")], f"{root / 'nope.keras'} does not exist or is not a file"
-    if case == "not-keras-suffix":
-        return [str(root / "notes.txt")], "notes.txt is not a Keras model file (.keras"
-    if case == "keras-suffix-not-a-zip":
-        return [str(root / "fake.keras")], "fake.keras is not a Keras model file (.keras"
-    if case == "unsupported-layer":
-        return [str(files["unsupported"])], "keras layer 'upsample' (UpSampling2D) cannot be converted"
-    if case == "images-missing":
-        return [str(files["model"]), "--images", str(root / "nope.npz")], "does not exist or is not a file"
-    if case == "images-wrong-shape":
-        return [str(files["model"]), "--images", str(root / "wrong_shape.npz")], "float32 (8, 10, 12, 3); the model"
-    if case == "images-wrong-dtype":
-        return [str(files["model"]), "--images", str(root / "wrong_dtype.npz")], "is float64 (8, 12, 12, 3); the mod"
-    if case == "images-wrong-key":
-        return [str(files["model"]), "--images", str(root / "wrong_key.npz")], "no array 'images' in it (found ['x'])"
-    if case == "images-dir-without-images":
-        return [str(files["model"]), "--images", str(root / "no_images")], "no_images holds no image files (.png"
-    if case == "images-dir-undecodable-file":
-        return [str(files["model"]), "--images", str(root / "broken_images")], "cannot read broken.png: "
-    if case == "skip-unknown":
-        return [str(files["model"]), "--skip", "torch"], "--skip torch: not an optional runtime"
-    raise AssertionError(case)
+    root, model = files["model"].parent, str(files["model"])
+    cases = {  # case -> (argv after "check", what the one-line error must say)
+        "missing-model": ([str(root / "nope.keras")], f"{root / 'nope.keras'} does not exist or is not a file"),
+        "not-keras-suffix": ([str(root / "notes.txt")], "notes.txt is not a Keras model file (.keras"),
+        "keras-suffix-not-a-zip": ([str(root / "fake.keras")], "fake.keras is not a Keras model file (.keras"),
+        "unsupported-layer": ([str(files["unsupported"])], "keras layer 'upsample' (UpSampling2D) cannot be converted"),
+        "images-missing": ([model, "--images", str(root / "nope.npz")], "does not exist or is not a file"),
+        "images-wrong-shape": ([model, "--images", str(root / "wrong_shape.npz")], "float32 (8, 10, 12, 3); the model"),
+        "images-wrong-dtype": (
+            [model, "--images", str(root / "wrong_dtype.npz")],
+            "is float64 (8, 12, 12, 3); the mod",
+        ),
+        "images-wrong-key": ([model, "--images", str(root / "wrong_key.npz")], "no array 'images' in it (found ['x'])"),
+        "images-dir-without-images": ([model, "--images", str(root / "no_images")], "no_images holds no image files"),
+        "images-dir-undecodable-file": ([model, "--images", str(root / "broken_images")], "cannot read broken.png: "),
+        "skip-unknown": ([model, "--skip", "torch"], "--skip torch: not an optional runtime"),
+    }
+    return cases[case]
 
 
 @pytest.mark.parametrize(
