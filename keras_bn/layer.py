@@ -167,10 +167,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
         fused: ``True`` uses TensorFlow's fused kernel wherever it applies (TF backend, channel
             axis last or 1, float16/bfloat16/float32, no mask/renorm/synchronized in
             training, not under XLA); ``None`` (default) does so for inference, and for training
-            where it was measured faster on this machine, once per input shape, dtype and device
-            (``keras_bn.tuning``: ``KERAS_BN_FUSED`` overrides, ``KERAS_BN_FUSED_CACHE`` keeps the
-            decisions, ``keras_bn.tune`` measures ahead); ``False`` always uses the generic
-            ``keras.ops`` path.
+            where the fixed rule ``_fused.pays_off`` says so, the same on every run
+            (``keras_bn.tuning``: ``KERAS_BN_FUSED=measure`` times both paths once per input shape,
+            dtype and device instead, ``KERAS_BN_FUSED_CACHE`` keeps those decisions,
+            ``keras_bn.tune`` measures ahead); ``False`` always uses the generic ``keras.ops`` path.
 
     Weights, in Keras' order: ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``
     (renorm: ``moving_stddev``, ``renorm_mean``, ``renorm_stddev``), then
@@ -456,7 +456,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _fused_training_format(self, inputs, weights) -> str | None:
         """The fused format for a training call, or None: the kernel has no mask, renorm or cross-replica sum,
-        and with ``fused=None`` it is used where it was measured faster on this machine (``keras_bn.tuning``)."""
+        and with ``fused=None`` it is used where ``keras_bn.tuning`` says (the fixed rule, or a measurement if
+        asked)."""
         if weights is not None or self.renorm or self.synchronized:
             return None
         fmt = self._fused_format(inputs)

@@ -16,8 +16,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # keeps reductions deterministic. Subprocess workers inherit these variables.
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-# Which path BatchNorm(fused=None) trains on must not depend on timing in tests: the fixed rule
-# (keras_bn/tuning.py; tests/test_layer_tuning.py checks the measuring logic with stubbed times).
+# Which path BatchNorm(fused=None) trains on must not depend on timing in tests: the fixed rule, also the
+# library's default (keras_bn/tuning.py; tests/test_layer_tuning.py checks the measuring logic with stubbed times).
 os.environ.setdefault("KERAS_BN_FUSED", "rule")
 
 

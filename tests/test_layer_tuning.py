@@ -30,6 +30,15 @@ def fresh_state(monkeypatch):
     monkeypatch.delenv(tuning.CACHE_VARIABLE, raising=False)
 
 
+def test_default_is_the_fixed_rule_so_a_seed_trains_the_same_on_every_run(monkeypatch):
+    """Unset, ``KERAS_BN_FUSED`` means the rule: no timing decides which (differently rounding) path trains."""
+    monkeypatch.delenv(tuning.MODE_VARIABLE)
+    monkeypatch.setattr(tuning, "measure", lambda *a: pytest.fail("measured without KERAS_BN_FUSED=measure"))
+    assert tuning.mode() == "rule"
+    layer = keras_bn.BatchNorm()
+    layer(np.ones(SHAPE, np.float32), training=True)  # would call the failing stub if it measured
+
+
 @pytest.fixture
 def stub_times(monkeypatch):
     """Replace the timing by fixed medians: ``stub_times(fused_s, generic_s)``; returns the list of calls."""
