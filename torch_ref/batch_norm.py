@@ -121,7 +121,7 @@ def _training_forward(
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Training-mode BN with spec's closed-form backward (``spec.backward_closed_form``), local or synchronized.
+    """Training-mode BN with spec's closed-form backward (``spec.backward_coefficient_form``), local or synchronized.
 
     ``forward(x, weight, bias, eps, all_reduce_sum)`` returns ``(y, mean, var, inv_sigma, count)``
     (statistics per channel, keepdims); only ``y`` is differentiable: the statistics' dependence
