@@ -33,6 +33,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from _steps import tf_batch_norm_step  # noqa: E402  (bench/_steps.py)
 from _timing import interleaved_rounds, paired_ratio  # noqa: E402  (bench/_timing.py)
 
 from export.machine import describe_machine, machine_info  # noqa: E402
@@ -82,23 +83,7 @@ def main() -> int:
     x, g = tf.constant(x_np), tf.constant(g_np)
 
     def keras_step(layer, jit):
-        layer.build(x.shape)
-
-        @tf.function(jit_compile=jit)
-        def step(x, g):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x, training=True)
-                loss = tf.reduce_sum(y * g)
-            dx, dgamma, dbeta = tape.gradient(loss, [x, layer.gamma, layer.beta])
-            return y, dx, dgamma, dbeta
-
-        def run():
-            out = step(x, g)
-            out[2].numpy()  # synchronize on a small output
-            return out
-
-        return run
+        return tf_batch_norm_step(layer, x, g, jit=jit)
 
     variants = {
         "keras builtin": keras_step(keras.layers.BatchNormalization(), False),

@@ -55,6 +55,7 @@ import sys
 import time
 from pathlib import Path
 
+from _steps import tf_batch_norm_step  # bench/_steps.py
 from _timing import interleaved_rounds, paired_ratio, spread  # bench/_timing.py
 
 from export.machine import describe_machine, machine_info
@@ -141,23 +142,10 @@ def _tensorflow_child(args) -> tuple[dict, dict]:
     x_np, dy_np, images, labels = _inputs(args.shape, args.batch)
     x, dy = tf.constant(x_np), tf.constant(dy_np)
 
-    def layer_step(layer, jit: bool):
-        layer.build(x.shape)
-
-        @tf.function(jit_compile=jit)
-        def step(x, dy):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x, training=True)
-            # y is returned too, so that no compiler drops the forward's last pass as unused
-            return y, *tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)
-
-        return lambda: step(x, dy)[2].numpy()  # synchronize on a small output (dgamma)
-
     layer, lenet = {}, {}
     for mode, jit in (("tf.function", False), ("tf xla", True)):
         for variant, make in (("keras", keras.layers.BatchNormalization), ("ours", keras_bn.BatchNorm)):
-            layer[f"{mode}|{variant}"] = layer_step(make(), jit)
+            layer[f"{mode}|{variant}"] = tf_batch_norm_step(make(), x, dy, jit=jit)
             lenet[f"{mode}|{variant}"] = _lenet_runner(_keras_lenet(variant, jit), images, labels, args.lenet_steps)
     threads = {"tensorflow": f"intra_op={tf.config.threading.get_intra_op_parallelism_threads()} inter_op=1"}
     versions = {"tensorflow": tf.__version__, "keras": keras.__version__}
