@@ -4,15 +4,33 @@ Variants are timed in rounds, each variant once per round in rotating order, so 
 hits all of them alike; warm-up rounds (tracing, compilation, allocation) are run and discarded first. A ratio
 between two variants of one process is the median of the per-round ratios (each pair ran back to back, under
 nearly the same load); across processes only the ratio of medians exists.
+
+A verdict against a goal carries the noise: :func:`ratio_interval` is a distribution-free confidence interval for
+that ratio (order statistics of the per-round ratios, assuming only that rounds are independent and identically
+distributed), and :func:`verdict` says PASS only if the whole interval meets the goal, MISS only if none of it does,
+and "PARITY (within noise)" otherwise, which is never counted as a PASS.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["interleaved_rounds", "paired_ratio", "spread"]
+__all__ = [
+    "CONFIDENCE",
+    "PARITY",
+    "interleaved_rounds",
+    "median_interval",
+    "paired_ratio",
+    "ratio_interval",
+    "spread",
+    "verdict",
+]
+
+CONFIDENCE = 0.95  # nominal coverage of every interval a verdict rests on
+PARITY = "PARITY (within noise)"
 
 
 def interleaved_rounds(
@@ -46,3 +64,53 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
     """Median over rounds of numerator / denominator (both timed in the same rounds)."""
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """``(low, high, coverage)``: a distribution-free confidence interval for the median of ``values``.
+
+    The k-th smallest and k-th largest value bound the median with probability 1 - 2 P(Bin(n, 1/2) < k) for any
+    continuous distribution of independent values; k is the largest with that coverage >= ``confidence``. For too
+    few values (n < 6 at 95%) no k reaches it: the interval is then the whole range and ``coverage`` says how much
+    less it holds.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+
+    def coverage(k: int) -> float:
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return ordered[k - 1], ordered[n - k], coverage(k)
+
+
+def ratio_interval(
+    numerator: Sequence[float], denominator: Sequence[float], paired: bool, confidence: float = CONFIDENCE
+) -> tuple[float, float, float]:
+    """``(low, high, coverage)`` for a time ratio: paired (same rounds) or a ratio of medians (two processes).
+
+    Paired: :func:`median_interval` of the per-round ratios. Unpaired: each median's interval at
+    ``sqrt(confidence)``, divided crosswise (low / high, high / low); both hold together with at least the product
+    of their coverages, since the two samples are independent.
+    """
+    if paired:
+        return median_interval([a / b for a, b in zip(numerator, denominator, strict=True)], confidence)
+    a_low, a_high, a_coverage = median_interval(numerator, math.sqrt(confidence))
+    b_low, b_high, b_coverage = median_interval(denominator, math.sqrt(confidence))
+    return a_low / b_high, a_high / b_low, a_coverage * b_coverage
+
+
+def verdict(low: float, high: float, goal: float | None) -> str:
+    """PASS if the interval lies at or below ``goal``, MISS if above it, :data:`PARITY` if it spans it; "info"
+    for a ratio without a goal."""
+    if goal is None:
+        return "info"
+    if high <= goal:
+        return "PASS"
+    if low > goal:
+        return "MISS"
+    return PARITY

@@ -16,6 +16,7 @@ Thread counts are set explicitly before any op runs and printed.
     python bench/bench_layer.py --repeats 5 --xla          # quicker, plus XLA variants
     python bench/bench_layer.py --shape 32,28,28,32 --json out.json
     python bench/bench_layer.py --repeats 0 --accuracy      # accuracy table only
+    python bench/bench_layer.py --isa avx2                  # kernels capped at AVX2 (bench/_isa.py)
 
 ``--accuracy`` adds a table (untimed) of each layer's batch-variance and output error against the
 float64 spec for x = offset + N(0, 1) at offsets 1 to 1e4, on a 64x14x14x16 float32 batch.
@@ -33,6 +34,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from _isa import ISAS, apply_isa, describe_isa, isa_record  # noqa: E402  (bench/_isa.py)
 from _steps import tf_batch_norm_step  # noqa: E402  (bench/_steps.py)
 from _timing import interleaved_rounds, paired_ratio  # noqa: E402  (bench/_timing.py)
 
@@ -48,6 +50,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--xla", action="store_true", help="also time jit_compile=True variants")
     parser.add_argument("--no-torch", action="store_true", help="skip torch.nn.BatchNorm2d")
     parser.add_argument("--accuracy", action="store_true", help="also: variance/output error vs spec at large offsets")
+    parser.add_argument("--isa", choices=tuple(ISAS), default="native", help="cap the kernels' ISA (bench/_isa.py)")
     parser.add_argument("--json", help="write the results to this file")
     return parser.parse_args()
 
@@ -55,6 +58,8 @@ def _parse() -> argparse.Namespace:
 def main() -> int:
     args = _parse()
     n, h, w, c = (int(v) for v in args.shape.split(","))
+    apply_isa(args.isa)  # before TF and torch import: each reads its cap once
+    isa = isa_record(args.isa, machine_info())
 
     import tensorflow as tf
 
@@ -135,12 +140,17 @@ def main() -> int:
             "max_rel_diff_vs_keras": agreement[name],
         }
 
-    print(f"machine: {describe_machine()} (figures hold for this CPU only)")
+    print(f"machine: {describe_isa(isa, describe_machine())} (figures hold for this CPU and ISA only)")
     print(f"batch {n}x{h}x{w}x{c} float32, fwd+bwd+moving-stat update, {args.repeats} rounds ({args.warmup} warm-up)")
     print(
         f"threads: TF intra_op={tf.config.threading.get_intra_op_parallelism_threads()} "
         f"inter_op={tf.config.threading.get_inter_op_parallelism_threads()}"
-        + (f"; torch set_num_threads={torch.get_num_threads()} interop=1" if torch is not None else "")
+        + (
+            f"; torch set_num_threads={torch.get_num_threads()} interop=1, "
+            f"ATen kernels {torch.backends.cpu.get_cpu_capability()}"
+            if torch is not None
+            else ""
+        )
         + f"; os.cpu_count()={os.cpu_count()}"
     )
     print(
@@ -160,7 +170,8 @@ def main() -> int:
     accuracy = _accuracy(keras, keras_bn, np, torch) if args.accuracy else None
     if args.json:
         with open(args.json, "w") as fh:
-            payload = {"machine": machine_info(), "shape": [n, h, w, c], "threads": args.threads}
+            payload = {"machine": machine_info(), "isa": isa, "machine_as_run": describe_isa(isa, describe_machine())}
+            payload |= {"shape": [n, h, w, c], "threads": args.threads}
             payload |= {"repeats": args.repeats, "results": results}
             json.dump({**payload, "accuracy": accuracy}, fh, indent=2)
     return 0

@@ -21,11 +21,18 @@ pytorch       plain PyTorch, NCHW                                             to
 ============  ==============================================================  ====================
 
 Within a child the variants run in interleaved rounds (``bench/_timing.py``), ``--warmup`` rounds discarded,
-``--repeats`` (>= 7 for a result) timed; each row reports the median and quartiles. Ratios within a mode are
-medians of per-round ratios; ratios across processes (TF vs ``torch.nn``) are ratios of medians.
+``--repeats`` (>= 7 for a result) timed for the layer step and ``--lenet-repeats`` (default 3x ``--repeats``:
+LeNet's steps are short and their per-round ratios spread widely) for LeNet; each row reports the median and
+quartiles. Ratios within a mode are medians of per-round ratios; ratios across processes (TF vs ``torch.nn``) are
+ratios of medians.
 
 Goals (issue #14): ours / Keras' layer <= 1.00 in every mode; TF ours / ``torch.nn.BatchNorm2d`` <= 1.25 for the
-layer step; ``torch_ref`` / ``torch.nn`` <= 1.25 in the LeNet loop. Each row says PASS or MISS.
+layer step; ``torch_ref`` / ``torch.nn`` <= 1.25 in the LeNet loop. Each ratio comes with a 95% distribution-free
+interval (``_timing.ratio_interval``) and its verdict says PASS (the whole interval meets the goal), MISS (none of
+it does) or PARITY (within noise: the interval spans the goal; not a PASS).
+
+``--isa avx2`` caps the children's kernels at AVX2 (``bench/_isa.py``: oneDNN, ATen and XLA:CPU; TF's Eigen kernels
+and the hardware stay this machine's); the JSON and the printout say so.
 
 Memory floor. The machine's bandwidth is a ``--bandwidth-mib`` numpy copy (one thread; read + write bytes over
 the median time). A BN training step must move at least 8 passes over the batch of B = N*H*W*C*4 bytes, since a
@@ -55,8 +62,9 @@ import sys
 import time
 from pathlib import Path
 
+from _isa import ISAS, describe_isa, isa_environment, isa_record  # bench/_isa.py
 from _steps import tf_batch_norm_step  # bench/_steps.py
-from _timing import interleaved_rounds, paired_ratio, spread  # bench/_timing.py
+from _timing import interleaved_rounds, paired_ratio, ratio_interval, spread, verdict  # bench/_timing.py
 
 from export.machine import describe_machine, machine_info
 
@@ -73,19 +81,27 @@ _JSON_MARK = "BENCH_MODES_JSON "
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help="timed rounds per workload (>= 7)")
+    parser.add_argument("--repeats", type=int, default=11, help="timed rounds of the layer step (>= 7)")
+    parser.add_argument("--lenet-repeats", type=int, help="timed rounds of LeNet (default: 3x --repeats)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (tracing, compiling)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for TF and torch")
     parser.add_argument("--shape", default="64,56,56,64", help="N,H,W,C of the layer step's batch")
     parser.add_argument("--batch", type=int, default=64, help="LeNet-BN batch size")
-    parser.add_argument("--lenet-steps", type=int, default=20, help="LeNet training steps per timed call")
+    parser.add_argument("--lenet-steps", type=int, default=10, help="LeNet training steps per timed call")
     parser.add_argument("--bandwidth-mib", type=int, default=512, help="size of the copy that measures bandwidth")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)}")
+    parser.add_argument("--isa", choices=tuple(ISAS), default="native", help="cap the kernels' ISA (bench/_isa.py)")
     parser.add_argument("--json", help="write the table and every timing to this file")
     parser.add_argument("--child", choices=tuple(BACKENDS), help=argparse.SUPPRESS)  # internal: one backend
     args = parser.parse_args(argv)
-    if min(args.repeats, args.threads, args.batch, args.lenet_steps, args.bandwidth_mib) < 1 or args.warmup < 0:
-        parser.error("--repeats, --threads, --batch, --lenet-steps and --bandwidth-mib must be positive")
+    args.lenet_repeats = 3 * args.repeats if args.lenet_repeats is None else args.lenet_repeats
+    if (
+        min(args.repeats, args.lenet_repeats, args.threads, args.batch, args.lenet_steps, args.bandwidth_mib) < 1
+        or args.warmup < 0
+    ):
+        parser.error(
+            "--repeats, --lenet-repeats, --threads, --batch, --lenet-steps and --bandwidth-mib must be positive"
+        )
     try:
         shape = [int(v) for v in args.shape.split(",")]
     except ValueError:
@@ -232,7 +248,8 @@ def _torch_child(args) -> tuple[dict, dict]:
         layer[f"pytorch|{variant}"] = layer_step(bn, [bn.weight, bn.bias], x_nchw, dy_nchw)
         model = torch_lenet_bn(builder_arg, seed=0)
         lenet[f"pytorch|{variant}"] = _torch_lenet_runner(model, images_nchw, labels_t, args.lenet_steps)
-    threads = {"torch": f"set_num_threads={torch.get_num_threads()} interop=1"}
+    kernels = torch.backends.cpu.get_cpu_capability()  # ATen's dispatch level: shows an --isa cap took effect
+    threads = {"torch": f"set_num_threads={torch.get_num_threads()} interop=1, ATen kernels {kernels}"}
     versions = {"torch": torch.__version__, "keras": keras.__version__}
     return {"layer": layer, "lenet": lenet}, {"threads": threads, "versions": versions}
 
@@ -259,7 +276,8 @@ def child_main(args) -> int:
     """Time one backend's variants and print one JSON line (seconds per call, per round)."""
     build = {"tensorflow": _tensorflow_child, "jax": _jax_child, "torch": _torch_child}[args.child]
     workloads, about = build(args)
-    seconds = {name: interleaved_rounds(variants, args.repeats, args.warmup) for name, variants in workloads.items()}
+    repeats = {"layer": args.repeats, "lenet": args.lenet_repeats}
+    seconds = {name: interleaved_rounds(variants, repeats[name], args.warmup) for name, variants in workloads.items()}
     print(_JSON_MARK + json.dumps({"backend": args.child, "seconds": seconds, **about}), flush=True)
     return 0
 
@@ -283,9 +301,9 @@ def memory_bandwidth(mib: int, repeats: int = 5) -> dict:
     return {"bytes": 2 * source.nbytes, "median_s": median, "gb_per_s": 2 * source.nbytes / median / 1e9}
 
 
-def run_child(backend: str, argv: list[str]) -> dict:
-    """One backend's timings from a fresh process with ``KERAS_BACKEND`` set; its stderr passes through."""
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+def run_child(backend: str, argv: list[str], isa: str = "native") -> dict:
+    """One backend's timings from a fresh process with KERAS_BACKEND and the cap of ``isa`` set; stderr shows."""
+    env = isa_environment(isa) | {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", backend]
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith(_JSON_MARK)]
@@ -328,11 +346,12 @@ def assemble(children: list[dict], args, bandwidth: dict, load_average: list[flo
             return
         a, b = seconds[workload][num], seconds[workload][den]
         ratio = paired_ratio(a, b) if paired else statistics.median(a) / statistics.median(b)
-        verdict = "info" if limit is None else ("PASS" if ratio <= limit else "MISS")
+        low, high, coverage = ratio_interval(a, b, paired)
         goals.append(
             {"workload": workload, "claim": claim, "numerator": num, "denominator": den, "ratio": ratio}
             | {"ratio_kind": "median of per-round ratios" if paired else "ratio of medians"}
-            | {"goal": limit, "verdict": verdict}
+            | {"interval": [low, high], "interval_coverage": coverage}
+            | {"goal": limit, "verdict": verdict(low, high, limit)}
         )
 
     for workload in ("layer", "lenet"):
@@ -348,8 +367,12 @@ def assemble(children: list[dict], args, bandwidth: dict, load_average: list[flo
         threads |= child["threads"]
         versions |= child["versions"]
     threads["numpy copy"] = "1 thread"
+    machine = machine_info()
+    isa = isa_record(args.isa, machine)
     return {
-        "machine": machine_info(),
+        "machine": machine,
+        "isa": isa,
+        "machine_as_run": describe_isa(isa, describe_machine(machine)),
         "command": "python bench/bench_modes.py " + " ".join(sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         # 1-minute load average before and after: on a shared machine it says how much else was running
@@ -359,9 +382,10 @@ def assemble(children: list[dict], args, bandwidth: dict, load_average: list[flo
             "batch": args.batch,
             "lenet_steps": args.lenet_steps,
             "repeats": args.repeats,
+            "lenet_repeats": args.lenet_repeats,
             "warmup": args.warmup,
             "threads": args.threads,
-            "smoke": args.repeats < MIN_REPEATS,
+            "smoke": min(args.repeats, args.lenet_repeats) < MIN_REPEATS,
         },
         "threads": threads,
         "versions": versions,
@@ -375,7 +399,7 @@ def assemble(children: list[dict], args, bandwidth: dict, load_average: list[flo
 
 def print_table(result: dict) -> None:
     settings, bandwidth = result["settings"], result["bandwidth"]
-    print(f"machine: {describe_machine(result['machine'])} (figures hold for this CPU only)")
+    print(f"machine: {result['machine_as_run']} (figures hold for this CPU and ISA only)")
     print("threads: " + "; ".join(f"{k} {v}" for k, v in result["threads"].items()))
     load = result["load_average"]
     print(f"1-minute load average: {load['start']:.1f} at start, {load['end']:.1f} at end")
@@ -383,7 +407,10 @@ def print_table(result: dict) -> None:
     moved = f"{bandwidth['bytes'] / 2**20:.0f} MiB moved"
     print(f"memory bandwidth: {bandwidth['gb_per_s']:.1f} GB/s (numpy copy, one thread, {moved})")
     shape = "x".join(map(str, settings["shape"]))
-    print(f"{settings['repeats']} interleaved rounds per process after {settings['warmup']} warm-up")
+    print(
+        f"{settings['repeats']} interleaved rounds (LeNet: {settings['lenet_repeats']}) per process "
+        f"after {settings['warmup']} warm-up"
+    )
     if settings["smoke"]:
         print(f"SMOKE RUN: fewer than {MIN_REPEATS} rounds, not a result")
     print(f"\nlayer step {shape} float32, fwd+bwd+update; GB/s over {result['layer_bytes_moved'] / 1e6:.3g} MB moved")
@@ -399,25 +426,27 @@ def print_table(result: dict) -> None:
         print(
             f"{r['mode']:12s} {r['variant']:10s} {r['median_ms']:10.2f} {r['iqr_ms']:9.2f} {r['samples_per_s']:10.0f}"
         )
-    print(f"\n{'workload':8s} {'claim':45s} {'ratio':>6s} {'goal':>6s}  verdict")
+    print(f"\n{'workload':8s} {'claim':45s} {'ratio':>6s} {'95% interval':>13s} {'goal':>6s}  verdict")
     for g in result["goals"]:
         limit = "-" if g["goal"] is None else f"<={g['goal']:.2f}"
-        print(f"{g['workload']:8s} {g['claim']:45s} {g['ratio']:6.3f} {limit:>6s}  {g['verdict']}")
+        interval = f"{g['interval'][0]:.3f}..{g['interval'][1]:.3f}"
+        print(f"{g['workload']:8s} {g['claim']:45s} {g['ratio']:6.3f} {interval:>13s} {limit:>6s}  {g['verdict']}")
     print("ratios are time / time: below 1 is faster; within a mode: median of per-round ratios")
+    print("verdict: PASS if the whole interval meets the goal, MISS if none of it does, else PARITY (within noise)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.child:
         return child_main(args)
-    print(f"machine: {describe_machine()}", flush=True)
+    print(f"machine: {describe_isa(isa_record(args.isa, machine_info()), describe_machine())}", flush=True)
     load_at_start = os.getloadavg()[0]
     bandwidth = memory_bandwidth(args.bandwidth_mib)
     child_argv = list(sys.argv[1:] if argv is None else argv)
     children = []
     for backend in args.backends:
         started = time.perf_counter()
-        children.append(run_child(backend, child_argv))
+        children.append(run_child(backend, child_argv, args.isa))
         print(f"[{backend}] {time.perf_counter() - started:.0f} s", flush=True)
     result = assemble(children, args, bandwidth, [load_at_start])
     print()

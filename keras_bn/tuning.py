@@ -39,6 +39,7 @@ MODE_VARIABLE = "KERAS_BN_FUSED"
 CACHE_VARIABLE = "KERAS_BN_FUSED_CACHE"
 MODES = ("measure", "rule", "always", "never")
 UNKNOWN_BATCH = 32
+_KERNEL_SETTINGS = ("ONEDNN_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS")  # part of a CPU decision's key when set
 _EPSILON = 1e-3  # any eps: it does not change the time
 
 _decisions: dict[str, bool] = {}
@@ -61,7 +62,10 @@ def device() -> str:
         details = tf.config.experimental.get_device_details(gpus[0])
         return f"GPU {details.get('device_name', gpus[0].name)}"
     threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
-    return f"CPU {_cpu_model()} x{threads} threads"
+    # On x86 the fused kernel is oneDNN's, whose code these variables change (bench/_isa.py): a decision
+    # measured under one setting says nothing about another.
+    settings = ", ".join(f"{name}={os.environ[name]}" for name in _KERNEL_SETTINGS if os.environ.get(name))
+    return f"CPU {_cpu_model()} x{threads} threads" + (f" ({settings})" if settings else "")
 
 
 def _cpu_model() -> str:

@@ -112,6 +112,22 @@ def test_decisions_persist_on_disk_and_are_reused_without_timing(monkeypatch, st
     assert tuning.use_fused(SHAPE, 3, "float32") is False
 
 
+def test_a_decision_under_a_capped_or_disabled_onednn_is_not_reused_natively(monkeypatch, stub_times):
+    # The fused kernel is oneDNN's on x86; ONEDNN_MAX_CPU_ISA picks its code, TF_ENABLE_ONEDNN_OPTS=0 swaps it for
+    # Eigen's (bench/_isa.py): each setting is another device for the decision.
+    for name in tuning._KERNEL_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    calls = stub_times(1.0, 2.0)
+    assert tuning.use_fused(SHAPE, 3, "float32") is True
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert tuning.use_fused(SHAPE, 3, "float32") is True
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert tuning.use_fused(SHAPE, 3, "float32") is True
+    assert len(calls) == 3
+    keys = list(tuning.decisions())
+    assert "(ONEDNN_MAX_CPU_ISA=AVX2)" in keys[1] and "(ONEDNN_MAX_CPU_ISA=AVX2, TF_ENABLE_ONEDNN_OPTS=0)" in keys[2]
+
+
 @pytest.mark.parametrize("content", ["not json", '["a list"]', '{"key": "yes"}'], ids=["text", "list", "not-bool"])
 def test_unreadable_cache_is_refused_and_left_as_it_was(monkeypatch, stub_times, tmp_path, content):
     cache = tmp_path / "fused.json"

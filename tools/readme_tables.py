@@ -328,6 +328,29 @@ def render_recipe_seeds(reports: Mapping[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def load_timing():
+    """bench/_timing.py: a verdict's interval is computed there, for bench_modes and for files that predate it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import _timing
+    finally:
+        sys.path.pop(0)
+    return _timing
+
+
+def goal_interval(bench: Mapping[str, Any], goal: Mapping[str, Any]) -> tuple[float, float, str]:
+    """``(low, high, verdict)`` of a bench_modes goal: as recorded, or (files written before verdicts carried an
+    interval) derived from its recorded per-round seconds by the same ``_timing`` functions bench_modes uses."""
+    timing = load_timing()
+    if "interval" in goal:
+        low, high = goal["interval"]
+        return low, high, goal["verdict"]
+    seconds = bench["seconds"][goal["workload"]]
+    paired = goal["ratio_kind"] == "median of per-round ratios"
+    low, high, _ = timing.ratio_interval(seconds[goal["numerator"]], seconds[goal["denominator"]], paired)
+    return low, high, timing.verdict(low, high, goal["goal"])
+
+
 def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
     bench = reports["bench-modes"]
     settings, bandwidth, load = bench["settings"], bench["bandwidth"], bench["load_average"]
@@ -335,12 +358,13 @@ def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
     floor_ms = 1e3 * bench["layer_bytes_moved"] / (1e9 * bandwidth["gb_per_s"])
     lines = [
         f"`{BENCH_OUTPUTS['bench-modes']}` (ran as `{_without_json(bench['command'].split())}`), "
-        f"{bench['date_utc']} UTC, on "
-        f"{_machine(bench)}; 1-minute load average {load['start']:.1f} at start, {load['end']:.1f} at end. "
+        f"{bench['date_utc']} UTC, on {bench.get('machine_as_run') or _machine(bench)}; "
+        f"1-minute load average {load['start']:.1f} at start, {load['end']:.1f} at end. "
         "**These figures hold for this CPU under this load only; they are not general.**"
         + (" SMOKE RUN (fewer than 7 rounds): not a result." if settings["smoke"] else ""),
         "",
-        f"{settings['repeats']} interleaved rounds per process after {settings['warmup']} warm-up; threads: "
+        f"{settings['repeats']} interleaved rounds (LeNet: {settings.get('lenet_repeats', settings['repeats'])}) "
+        f"per process after {settings['warmup']} warm-up; threads: "
         + "; ".join(f"{k} {v}" for k, v in bench["threads"].items())
         + "; versions: "
         + ", ".join(f"{k} {v}" for k, v in bench["versions"].items())
@@ -372,11 +396,21 @@ def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
             else ["", ""]
         )
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| goal (issue #14) | workload | time ratio | goal | verdict |", "|---|---|---:|---:|---|"]
+    lines += [
+        "",
+        "Each ratio has a 95% distribution-free interval (order statistics of the per-round ratios; for a ratio of "
+        "medians, of each median; `bench/_timing.py`). PASS: the whole interval meets the goal; MISS: none of it "
+        "does; PARITY (within noise): it spans the goal, which is not a PASS.",
+        "",
+        "| goal (issue #14) | workload | time ratio | 95% interval | goal | verdict |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for g in bench["goals"]:
         limit = "" if g["goal"] is None else f"≤ {g['goal']:.2f}"
+        low, high, verdict = goal_interval(bench, g)
         lines.append(
-            f"| {g['claim']} ({g['ratio_kind']}) | {g['workload']} | {g['ratio']:.3f} | {limit} | {g['verdict']} |"
+            f"| {g['claim']} ({g['ratio_kind']}) | {g['workload']} | {g['ratio']:.3f} | {low:.3f}..{high:.3f} | "
+            f"{limit} | {verdict} |"
         )
     return "\n".join(lines) + "\n"
 
