@@ -44,11 +44,17 @@ def in_xla_context() -> bool:
 def pays_off(shape, channel_axis: int) -> bool:
     """Whether the fused *training* kernel beats the generic path for this input (``fused=None``).
 
-    Measured on 2 CPU cores, fwd+bwd time relative to Keras' built-in layer (``bench_layer``):
-    the kernel is 0.42-0.47x for NHWC with 4, 8, 12, 16, 32 or 64 channels but 1.2-1.4x for 6 or 7
-    channels (its vectorized CPU loop wants a multiple of 4), and 1.2-1.5x for 2-D inputs of
-    (128-512, 84-512) (no spatial extent: the NHWC view has H = W = 1). The generic path is
-    0.9-1.05x everywhere. GPUs (cuDNN) have no such cliffs, so with a GPU visible it is always used.
+    On x86 the kernel is oneDNN's, which has a JIT kernel only for channel counts divisible by 4
+    (SSE4.1), 8 (AVX2) or 16 (AVX-512) and a reference loop (``nspc_bnorm:any``) otherwise, on any
+    x86 CPU (``ONEDNN_VERBOSE=1``); 2-D inputs (no spatial extent) lose to the generic path too.
+    Checked against the generic path per shape with ``bench/bench_fused_rule.py`` on a 2-core Xeon,
+    natively and capped at AVX2 (README, "Which path fused=None trains on"): right for 6 or 7
+    channels, LeNet's dense layers and, natively, 4-64 channels at 64x14x14 (0.4-0.8x the generic
+    time; 24 channels 0.9-1.0x). Wrong for small activations (LeNet's second BN, 64x8x8x16: up to 1.1x natively and
+    1.3-1.5x capped, a tie in 2 of 6 runs; 0.1-0.5 ms a call) and, capped, for 24+ channels (a tie
+    to 1.6x), where the only real AVX2 figure (issue #14's EPYC, 64x56x56x64) still has the kernel
+    faster. The rule is kept: a changed path trains differently, and ``KERAS_BN_FUSED=measure``
+    picks per machine. GPUs (cuDNN) have no such cliffs, so with a GPU visible it is always used.
     """
     if gpu_visible():
         return True

@@ -165,3 +165,35 @@ def _order_statistic_interval(values: list[float], confidence: float) -> tuple[f
     reaching = [k for k in range(1, (n + 1) // 2 + 1) if 1 - 2 * binom.cdf(k - 1, n, 0.5) >= confidence]
     k = max(reaching, default=1)
     return ordered[k - 1], ordered[n - k]
+
+
+def test_fused_rule_table_follows_from_the_recorded_timings_and_the_current_rule():
+    # Each cell's ratio, interval and winner recomputed from the per-round seconds; the rule column must be what
+    # _fused.pays_off says today (a changed rule needs a new run of bench/bench_fused_rule.py).
+    pytest.importorskip("tensorflow")
+    from keras_bn import _fused
+
+    tables = _readme_tables()
+    bench = tables.load_report("fused-rule")
+    block = _block((ROOT / "README.md").read_text(), "fused-rule")
+    rows = _tables(block)[0]
+    isas = list(bench["runs"])
+    assert [row[0] for row in rows] == [label.replace("x", "×") for label in bench["purpose"]]
+    agreement = {isa: [0, 0, 0] for isa in isas}  # agree, decided, ties
+    for row, label in zip(rows, bench["purpose"], strict=True):
+        shape = tuple(int(d) for d in label.split("x"))
+        assert row[2] == ("fused" if _fused.pays_off(shape, -1) else "generic"), label
+        for cell, isa in zip(row[3:], isas, strict=True):
+            seconds = bench["runs"][isa]["shapes"][label]["seconds_per_call"]
+            ratios = [a / b for a, b in zip(seconds["fused"], seconds["generic"], strict=True)]
+            low, high = _order_statistic_interval(ratios, 0.95)
+            winner = "fused" if high < 1 else ("generic" if low > 1 else "tie")
+            expected = f"{statistics.median(ratios):.2f} ({low:.2f}..{high:.2f}) **{winner}**"
+            assert cell.startswith(expected), (label, isa, cell)
+            assert cell.startswith(expected + " ✗,") == (winner not in ("tie", row[2])), (label, isa, cell)
+            counts = agreement[isa]
+            counts[2] += winner == "tie"
+            counts[1] += winner != "tie"
+            counts[0] += winner == row[2]
+    for isa, (agree, decided, ties) in agreement.items():
+        assert f"- {isa}: the rule agrees on {agree} of {decided} shapes with a measured winner ({ties} ties" in block

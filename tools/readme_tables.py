@@ -418,6 +418,53 @@ def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
 RENDERERS |= {"performance": render_performance, "recipe-seeds": render_recipe_seeds}
 
 
+# --- bench/bench_fused_rule.py (issue #14): _fused.pays_off against the measured winner, per shape and ISA ---------
+
+BENCH_OUTPUTS["fused-rule"] = "nice -n 10 python bench/bench_fused_rule.py --json docs/results/fused-rule.json"
+
+
+def render_fused_rule(reports: Mapping[str, dict[str, Any]]) -> str:
+    bench = reports["fused-rule"]
+    runs, settings, load = bench["runs"], bench["settings"], bench["load_average"]
+    isas = list(runs)
+    lines = [
+        f"`{BENCH_OUTPUTS['fused-rule']}`, {bench['date_utc']} UTC, {settings['repeats']} interleaved rounds per "
+        f"shape, TF {next(iter(runs.values()))['threads']}; 1-minute load average {load['start']:.1f} at start, "
+        f"{load['end']:.1f} at end. Runs: "
+        + "; ".join(f"**{isa}**: {run['as_run']}" for isa, run in runs.items())
+        + ". **These figures hold for this CPU only.**"
+        + (" SMOKE RUN (fewer than 7 rounds): not a result." if settings["smoke"] else ""),
+        "",
+        "Cells: time fused / generic (median of per-round ratios), its 95% interval, the winner (tie: the interval "
+        "spans 1) and the oneDNN kernel that served the fused path.",
+        "",
+        "| shape (NHWC or N×C) | what | rule says | " + " | ".join(isas) + " |",
+        "|---|---|---|" + "---|" * len(isas),
+    ]
+    for label, purpose in bench["purpose"].items():
+        rule = runs[isas[0]]["rows"][label]["rule"]
+        cells = []
+        for isa in isas:
+            row = runs[isa]["rows"][label]
+            mark = {True: "", False: " ✗", None: ""}[row["rule_agrees"]]
+            cells.append(
+                f"{row['ratio']:.2f} ({row['interval'][0]:.2f}..{row['interval'][1]:.2f}) "
+                f"**{row['winner']}**{mark}, `{row['onednn_kernel']}`"
+            )
+        lines.append(f"| {label.replace('x', '×')} | {purpose} | {rule} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for isa, run in runs.items():
+        summary = run["summary"]
+        lines.append(
+            f"- {isa}: the rule agrees on {summary['agree']} of {summary['decided']} shapes with a measured winner "
+            f"({summary['ties']} ties, where either path is as fast); ✗ marks where it picks the slower path."
+        )
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS["fused-rule"] = render_fused_rule
+
+
 def render(readme: str, reports: Mapping[str, dict[str, Any]]) -> str:
     """README text with every generated block replaced by what the reports say; unknown block names are an error."""
     found = set()
