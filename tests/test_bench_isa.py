@@ -58,6 +58,7 @@ def capped_process_log() -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow  # one subprocess importing torch and TensorFlow and compiling with XLA: ~6-14 s
 @pytest.mark.parametrize(
     "evidence",
     [
