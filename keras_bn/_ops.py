@@ -25,13 +25,25 @@ def per_channel(value):
     return ops.reshape(value, (-1,))
 
 
-def moments(x, axes: tuple[int, ...], weights=None, all_reduce_sum=spec.identity) -> spec.ShiftedMoments:
+def moments(
+    x, axes: tuple[int, ...], weights=None, all_reduce_sum=spec.identity, *, compiled: bool = False
+) -> spec.ShiftedMoments:
     """:func:`spec.shifted_moments` of ``x`` in x's dtype, without gradient (keepdims shapes).
 
     Gradients through the statistics are :func:`normalize_batch`'s closed form; ``weights`` is
     the mask as 0/1 floats broadcast to ``x``. A channel with count 0 gets mean 0, var 0.
+
+    ``compiled=True`` (the step is compiled by XLA: ``jit_compile=True``, JAX) refines only where needed
+    (SPEC.md §8.5): the conditional skips one reduction over x for ordinary data, where XLA:CPU otherwise
+    writes ``x - shift`` out and reads it back (bench/xla_cost.py). Elsewhere the refinement stays
+    unconditional: in a TensorFlow graph a ``tf.cond`` adds more per-step ops than a small tensor's reduction
+    costs, on torch it costs a host sync, and synchronized statistics would put a collective in a branch.
     """
-    return spec.shifted_moments(ops.stop_gradient(x), axes, weights=weights, all_reduce_sum=all_reduce_sum, xp=ops)
+    conditional = compiled and all_reduce_sum is spec.identity
+    refine = spec.REFINE_WHEN_NEEDED if conditional else True
+    return spec.shifted_moments(
+        ops.stop_gradient(x), axes, weights=weights, all_reduce_sum=all_reduce_sum, refine=refine, xp=ops
+    )
 
 
 def normalize_batch(

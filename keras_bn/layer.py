@@ -47,6 +47,12 @@ NORMALIZE_WITH = ("batch", "moving")
 CUMULATIVE = "cumulative"  # torch's momentum=None; here None means "the convention's default"
 
 
+def _compiled_by_xla() -> bool:
+    """Whether this call is traced for XLA: always on JAX, under ``jit_compile=True`` on TensorFlow."""
+    backend = keras.backend.backend()
+    return backend == "jax" or (backend == "tensorflow" and _fused.in_xla_context())
+
+
 def _clone_initializer(initializer):
     """A fresh copy of a configured initializer (new seed), as Keras' layer does."""
     if isinstance(initializer, initializers.Initializer):
@@ -376,7 +382,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def _train_generic(self, x, weights):
         """Batch statistics (summed over replicas where synchronized), renorm's affine, closed-form gradient."""
         reduce = self._all_reduce_sum()
-        stats = _ops.moments(x, self._reduction_axes, weights, reduce)
+        stats = _ops.moments(x, self._reduction_axes, weights, reduce, compiled=_compiled_by_xla())
         mean, var = _ops.per_channel(stats.mean), _ops.per_channel(stats.var)
         gamma, beta = self._affine(x.dtype)
         if self.renorm:
@@ -391,7 +397,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _batch_statistics(self, x, weights):
         """``(count, mean, var)`` of the batch for an update while normalizing with the moving statistics."""
-        stats = _ops.moments(x, self._reduction_axes, weights, self._all_reduce_sum())
+        stats = _ops.moments(x, self._reduction_axes, weights, self._all_reduce_sum(), compiled=_compiled_by_xla())
         return tuple(_ops.per_channel(t) for t in stats[:3])
 
     def _infer(self, inputs, x):
