@@ -47,10 +47,20 @@ NORMALIZE_WITH = ("batch", "moving")
 CUMULATIVE = "cumulative"  # torch's momentum=None; here None means "the convention's default"
 
 
-def _compiled_by_xla() -> bool:
-    """Whether this call is traced for XLA: always on JAX, under ``jit_compile=True`` on TensorFlow."""
-    backend = keras.backend.backend()
-    return backend == "jax" or (backend == "tensorflow" and _fused.in_xla_context())
+#: Inputs with at least this many values refine their mean only where needed (SPEC.md §8.5, a traced conditional);
+#: smaller ones unconditionally: there the skipped reduction costs less than the conditional's own kernels and ops
+#: (under XLA a 64x120 step compiles to 19 top-level kernels with it, 16 without; bench/xla_cost.py).
+CONDITIONAL_REFINEMENT_VALUES = 2**16
+_UNKNOWN_BATCH = 32  # an unknown batch size counts as this many rows (keras_bn.tuning.UNKNOWN_BATCH)
+
+
+def _refine_conditionally(x) -> bool:
+    """Whether this call's statistics skip the mean's refinement where it cannot matter: on TensorFlow and JAX
+    (``tf.cond`` / ``lax.cond``; on torch a data-dependent branch costs a host sync) for large enough inputs."""
+    if keras.backend.backend() not in ("tensorflow", "jax"):
+        return False
+    values = math.prod(_UNKNOWN_BATCH if d is None else d for d in x.shape)
+    return values >= CONDITIONAL_REFINEMENT_VALUES
 
 
 def _clone_initializer(initializer):
@@ -382,7 +392,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def _train_generic(self, x, weights):
         """Batch statistics (summed over replicas where synchronized), renorm's affine, closed-form gradient."""
         reduce = self._all_reduce_sum()
-        stats = _ops.moments(x, self._reduction_axes, weights, reduce, compiled=_compiled_by_xla())
+        stats = _ops.moments(x, self._reduction_axes, weights, reduce, conditional=_refine_conditionally(x))
         mean, var = _ops.per_channel(stats.mean), _ops.per_channel(stats.var)
         gamma, beta = self._affine(x.dtype)
         if self.renorm:
@@ -397,7 +407,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _batch_statistics(self, x, weights):
         """``(count, mean, var)`` of the batch for an update while normalizing with the moving statistics."""
-        stats = _ops.moments(x, self._reduction_axes, weights, self._all_reduce_sum(), compiled=_compiled_by_xla())
+        stats = _ops.moments(
+            x, self._reduction_axes, weights, self._all_reduce_sum(), conditional=_refine_conditionally(x)
+        )
         return tuple(_ops.per_channel(t) for t in stats[:3])
 
     def _infer(self, inputs, x):

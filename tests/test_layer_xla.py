@@ -63,7 +63,7 @@ def test_compiled_step_moves_no_more_data_than_keras_layer():
     """XLA's optimized program for the fwd+bwd step: ours reads and writes x-sized arrays no more often than Keras'
     layer, and the refinement sits in a conditional branch (before the conditional: 17 passes against Keras' 14 at
     64x56x56x64, bench/xla_cost.py)."""
-    shape = (8, 16, 16, 16)
+    shape = (16, 16, 16, 16)  # keras_bn.layer.CONDITIONAL_REFINEMENT_VALUES: the smallest with the conditional
     x = tf.constant(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
     counted = {}
     for name, make in (("keras", keras.layers.BatchNormalization), ("ours", keras_bn.BatchNorm)):

@@ -241,6 +241,34 @@ def test_backward_coefficient_form_matches_autograd(name, masked, overwrite, bat
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_backward_coefficient_form_with_a_centered_offset_matches_autograd(name, masked, batch, rng):
+    """``centered = x - shift`` with ``x - mean = centered - centered_offset`` (keras_bn passes ShiftedMoments'
+    shift and delta): the offset folded into the per-channel sums gives autograd's gradients. The offset, up to
+    0.5 per channel on values of order 3, shifts no term by more than float32 rounding of order-1 values."""
+    xp, tensor = NAMESPACES[name]
+    x, mask = batch
+    weights = mask if masked else np.ones_like(x)
+    gamma = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    _, scale, count, dx_want, dgamma_want = _autograd_reference(x, gamma, dy, weights, 1e-3)
+    centered, inv_sigma = _centered_reference(x, weights, 1e-3)
+    offset = rng.uniform(-0.5, 0.5, (1, 3, 1)).astype(np.float32)
+    dx, dgamma, dbeta = spec.backward_coefficient_form(
+        tensor(dy),
+        tensor(centered + offset),
+        tensor(inv_sigma),
+        tensor(scale),
+        AXES,
+        count=tensor(count),
+        weights=tensor(mask) if masked else None,
+        centered_offset=tensor(offset),
+        xp=xp,
+    )
+    _close_gradients((dx, dgamma, dbeta), dx_want, dgamma_want, dy)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 def test_backward_coefficient_form_equals_the_reference_closed_form_in_float64(masked, batch, rng):
     """Why the NumPy reference keeps its own form: the two differ by float64 rounding only.
 
