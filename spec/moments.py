@@ -99,8 +99,8 @@ def shifted_moments(
     two differ by rounding only, in float32 the refinement is what keeps §8's accuracy.
     ``refine="when_needed"`` (:data:`REFINE_WHEN_NEEDED`) sums ``D1`` only where
     :func:`refinement_matters` says the shift's rounding can reach the variance (SPEC.md §8.5), as a
-    traced conditional under keras.ops: a compiled step then reads x once less for ordinary data, and
-    keeps the refinement for large offsets. Its condition uses only all-replica sums, so every replica
+    traced conditional under keras.ops: ordinary data then skip one reduction over x, large offsets keep
+    the refinement. Its condition uses only all-replica sums, so every replica
     takes the same branch.
 
     ``return_centered=True`` returns ``(stats, x - shift)``: the x-sized difference the second round
