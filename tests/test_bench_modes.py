@@ -37,3 +37,12 @@ def test_bench_modes_assembles_every_tensorflow_row_and_its_goals_from_a_child_p
         ratios = [a / b for a, b in zip(seconds[goal["numerator"]], seconds[goal["denominator"]], strict=True)]
         assert goal["ratio"] == pytest.approx(statistics.median(ratios), rel=1e-12)
         assert goal["verdict"] == ("PASS" if goal["ratio"] <= 1.0 else "MISS")
+
+
+@pytest.mark.parametrize("workloads", ["lenet,nope", ""], ids=["unknown", "empty"])
+def test_bench_modes_refuses_unknown_workloads_naming_the_flag(workloads):
+    """A usage error (argparse's exit 2) naming --workloads, before any child process starts."""
+    command = [sys.executable, str(ROOT / "bench" / "bench_modes.py"), "--workloads", workloads]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2
+    assert "--workloads takes a comma list of layer, lenet" in done.stderr
