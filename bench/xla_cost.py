@@ -2,15 +2,17 @@
 
 Timings on a shared machine drift; the compiled program does not. For the layer step of ``bench_modes``
 (64x56x56x64 float32, forward with ``training=True``, backward from a fixed ``dy``; ``--shape``) this prints,
-per backend (TensorFlow ``jit_compile=True``, JAX ``jax.jit``) and variant, from the *optimized* HLO:
+per mode (TensorFlow ``jit_compile=True``, JAX ``jax.jit``) and variant, from the *optimized* HLO:
 
-- ``fusions``: kernels launched at the top level of the program;
+- ``kernels``: fusions launched at the top level of the program;
 - ``x-sized reads`` / ``writes``: operands and results of those kernels that have the batch's shape, each
   one pass over B = N*H*W*C*4 bytes (XLA:CPU writes an elementwise expression out before reducing it, so a
   reduction of ``x - shift`` costs a write and two reads where one of ``x`` costs one read);
 - ``in branches``: the same counts inside ``conditional`` branches, which run only when taken (ours: the
   mean's refinement, only for data with a large offset, SPEC.md §8.5);
-- JAX only: XLA's own ``cost_analysis()`` bytes accessed and flops (both branches of a conditional counted).
+- JAX only: XLA's own ``cost_analysis()`` bytes accessed and flops (both branches of a conditional counted);
+- ``tf.function`` rows: the plain TensorFlow graph (no XLA), where every op is a kernel of its own: ops that
+  move data, and their x-sized inputs (reads) and outputs (writes), on the traced graph before Grappler.
 
     python bench/xla_cost.py                       # both backends, the bench_modes shape
     python bench/xla_cost.py --backends jax --shape 64,24,24,6
@@ -122,14 +124,32 @@ def _tensorflow_child(shape) -> dict:
         step = _tf_step(tf, make())
         step(x, dy)  # builds the layer outside the compiled function's trace
         hlo = step.experimental_get_compiler_ir(x, dy)(stage="optimized_hlo")
-        result[variant] = passes(hlo, _hlo_shape(shape))
+        result[f"xla|{variant}"] = passes(hlo, _hlo_shape(shape))
+        graph = _tf_step(tf, make(), jit=False).get_concrete_function(x, dy).graph
+        result[f"graph|{variant}"] = graph_passes(graph, shape)
     return result
 
 
-def _tf_step(tf, layer):
-    """bench_modes' TensorFlow layer step (bench/_steps.py), compiled by XLA."""
+#: graph ops that move no data (or only alias it)
+_FREE_OPS = {"Const", "Placeholder", "Identity", "IdentityN", "StopGradient", "Reshape", "NoOp", "ReadVariableOp"}
 
-    @tf.function(jit_compile=True)
+
+def graph_passes(graph, shape) -> dict:
+    import tensorflow as tf
+
+    """TF graph (``tf.function`` without XLA): every op is its own kernel, so each x-sized input is a read and
+    each x-sized output a write. Counted on the traced graph, before Grappler merges duplicate ops."""
+    big = tf.TensorShape(shape)
+    ops = [op for op in graph.get_operations() if op.type not in _FREE_OPS]
+    reads = sum(t.shape == big for op in ops for t in op.inputs)
+    writes = sum(bool(op.outputs) and op.outputs[0].shape == big for op in ops)
+    return {"fusions": len(ops), "reads": reads, "writes": writes, "conditionals": 0}
+
+
+def _tf_step(tf, layer, *, jit: bool = True):
+    """bench_modes' TensorFlow layer step (bench/_steps.py), compiled by XLA (``jit``) or a plain graph."""
+
+    @tf.function(jit_compile=jit)
     def step(x, dy):
         with tf.GradientTape() as tape:
             tape.watch(x)
@@ -187,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = "x".join(map(str, args.shape))
     print(f"layer step {shape} float32, fwd+bwd+update; one x-sized pass = {4 * math.prod(args.shape) / 1e6:.1f} MB")
     print(
-        f"{'backend':11s} {'variant':8s} {'fusions':>7s} {'reads':>6s} {'writes':>6s} {'passes':>6s}"
+        f"{'mode':11s} {'variant':8s} {'kernels':>7s} {'reads':>6s} {'writes':>6s} {'passes':>6s}"
         f" {'in branches r/w':>15s} {'XLA bytes MB':>12s} {'GFLOP':>6s}"
     )
     child_argv = [a for a in (sys.argv[1:] if argv is None else argv)]
@@ -198,12 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         lines = [line for line in done.stdout.splitlines() if line.startswith(_JSON_MARK)]
         if done.returncode != 0 or not lines:
             raise SystemExit(f"xla_cost: the {backend} child failed (exit {done.returncode}); see its stderr above")
-        for variant, c in json.loads(lines[-1][len(_JSON_MARK) :]).items():
+        for key, c in json.loads(lines[-1][len(_JSON_MARK) :]).items():
+            mode, variant = key.split("|") if "|" in key else ("jax jit", key)
+            name = {"xla": "tf xla", "graph": "tf.function"}.get(mode, mode)
             mb = f"{c['bytes_accessed'] / 1e6:12.1f}" if "bytes_accessed" in c else f"{'-':>12s}"
             gflop = f"{c['flops'] / 1e9:6.3f}" if "flops" in c else f"{'-':>6s}"
             branch = f"{c['branch_reads']}/{c['branch_writes']}" if c["conditionals"] else "-"
             print(
-                f"{backend:11s} {variant:8s} {c['fusions']:7d} {c['reads']:6d} {c['writes']:6d} "
+                f"{name:11s} {variant:8s} {c['fusions']:7d} {c['reads']:6d} {c['writes']:6d} "
                 f"{c['reads'] + c['writes']:6d} {branch:>15s} {mb} {gflop}"
             )
     return 0
