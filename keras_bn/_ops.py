@@ -4,7 +4,7 @@ The math is :mod:`spec`'s, called with ``xp=keras.ops`` on the layer's tensors:
 :func:`spec.shifted_moments` (statistics), :func:`spec.backward_coefficient_form` (gradient),
 :func:`spec.inference_affine` / :func:`spec.normalize` (y), :func:`spec.new_value_weight`,
 :func:`spec.variance_for_update` and :func:`spec.moving_average` (the update). What stays here
-is what only a Keras layer needs: wiring the closed-form gradient through ``custom_gradient``,
+is what only a Keras layer needs: wiring the spec's gradient through ``custom_gradient``,
 an update that cannot raise inside a graph, and Keras 3.15's batch renormalization (Ioffe 2017),
 which the spec does not cover. ``all_reduce_sum`` (``keras_bn.sync``) makes any of these
 synchronized across replicas.
@@ -30,7 +30,7 @@ def moments(
 ) -> spec.ShiftedMoments:
     """:func:`spec.shifted_moments` of ``x`` in x's dtype, without gradient (keepdims shapes).
 
-    Gradients through the statistics are :func:`normalize_batch`'s closed form; ``weights`` is
+    Gradients through the statistics are :func:`normalize_batch`'s (SPEC.md §4); ``weights`` is
     the mask as 0/1 floats broadcast to ``x``. A channel with count 0 gets mean 0, var 0.
 
     ``conditional=True`` refines the mean only where needed (SPEC.md §8.5), in a traced conditional: ordinary

@@ -390,7 +390,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return sync.all_reduce_sum() if self.synchronized else spec.identity
 
     def _train_generic(self, x, weights):
-        """Batch statistics (summed over replicas where synchronized), renorm's affine, closed-form gradient."""
+        """Batch statistics (summed over replicas where synchronized), renorm's affine, SPEC.md §4's gradient."""
         reduce = self._all_reduce_sum()
         stats = _ops.moments(x, self._reduction_axes, weights, reduce, conditional=_refine_conditionally(x))
         mean, var = _ops.per_channel(stats.mean), _ops.per_channel(stats.var)

@@ -151,8 +151,8 @@ def backward_coefficient_form(
     the same dx as SPEC.md §4's ``scale / m * (m * dy - w * DBETA - w * x_hat * DGAMMA)``, but only
     two x-sized passes after the sums (one fused multiply-add each, :meth:`spec.arrays.Namespace.multiply_add`)
     instead of six out-of-place temporaries. torch_ref calls it, writing dx into buffers it owns; keras_bn
-    stays on :func:`backward_closed_form` inside its ``custom_gradient`` (``keras.ops`` has no in-place
-    writes for the coefficient form to gain). The NumPy
+    calls it inside its ``custom_gradient`` on ``x - shift`` with ``centered_offset`` (fewer x-sized ops
+    where each op is a pass: TensorFlow graphs, eager torch). The NumPy
     reference (:func:`batch_norm_backward`) stays on :func:`backward_closed_form` too: multiplying the
     bracket out rounds differently, and the golden vectors pin the reference's float64 bits; the two
     agree to float64 rounding (tests/test_spec_namespaces.py). ``overwrite_centered=True`` lets torch
