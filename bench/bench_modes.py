@@ -74,6 +74,7 @@ BACKENDS = {
     "jax": ("jax jit",),
     "torch": ("keras torch", "pytorch"),
 }
+WORKLOADS = ("layer", "lenet")
 MIN_REPEATS = 7  # fewer is a smoke run: the table says so
 BN_PASSES = 8  # minimal passes over the batch per training step (module docstring)
 _JSON_MARK = "BENCH_MODES_JSON "
@@ -91,6 +92,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bandwidth-mib", type=int, default=512, help="size of the copy that measures bandwidth")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)}")
     parser.add_argument("--isa", choices=tuple(ISAS), default="native", help="cap the kernels' ISA (bench/_isa.py)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
     parser.add_argument("--json", help="write the table and every timing to this file")
     parser.add_argument("--child", choices=tuple(BACKENDS), help=argparse.SUPPRESS)  # internal: one backend
     args = parser.parse_args(argv)
@@ -113,6 +115,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if not backends or set(backends) - set(BACKENDS):
         parser.error(f"--backends takes a comma list of {', '.join(BACKENDS)}; got {args.backends!r}")
     args.backends = backends
+    workloads = [w for w in args.workloads.split(",") if w]
+    if not workloads or set(workloads) - set(WORKLOADS):
+        parser.error(f"--workloads takes a comma list of {', '.join(WORKLOADS)}; got {args.workloads!r}")
+    args.workloads = workloads
     return args
 
 
@@ -277,7 +283,7 @@ def child_main(args) -> int:
     build = {"tensorflow": _tensorflow_child, "jax": _jax_child, "torch": _torch_child}[args.child]
     workloads, about = build(args)
     repeats = {"layer": args.repeats, "lenet": args.lenet_repeats}
-    seconds = {name: interleaved_rounds(variants, repeats[name], args.warmup) for name, variants in workloads.items()}
+    seconds = {name: interleaved_rounds(workloads[name], repeats[name], args.warmup) for name in args.workloads}
     print(_JSON_MARK + json.dumps({"backend": args.child, "seconds": seconds, **about}), flush=True)
     return 0
 

@@ -47,6 +47,22 @@ NORMALIZE_WITH = ("batch", "moving")
 CUMULATIVE = "cumulative"  # torch's momentum=None; here None means "the convention's default"
 
 
+#: Inputs with at least this many values refine their mean only where needed (SPEC.md §8.5, a traced conditional);
+#: smaller ones unconditionally: there the skipped reduction costs less than the conditional's own kernels and ops
+#: (under XLA a 64x120 step compiles to 19 top-level kernels with it, 16 without; bench/xla_cost.py).
+CONDITIONAL_REFINEMENT_VALUES = 2**16
+_UNKNOWN_BATCH = 32  # an unknown batch size counts as this many rows (keras_bn.tuning.UNKNOWN_BATCH)
+
+
+def _refine_conditionally(x) -> bool:
+    """Whether this call's statistics skip the mean's refinement where it cannot matter: on TensorFlow and JAX
+    (``tf.cond`` / ``lax.cond``; on torch a data-dependent branch costs a host sync) for large enough inputs."""
+    if keras.backend.backend() not in ("tensorflow", "jax"):
+        return False
+    values = math.prod(_UNKNOWN_BATCH if d is None else d for d in x.shape)
+    return values >= CONDITIONAL_REFINEMENT_VALUES
+
+
 def _clone_initializer(initializer):
     """A fresh copy of a configured initializer (new seed), as Keras' layer does."""
     if isinstance(initializer, initializers.Initializer):
@@ -374,9 +390,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return sync.all_reduce_sum() if self.synchronized else spec.identity
 
     def _train_generic(self, x, weights):
-        """Batch statistics (summed over replicas where synchronized), renorm's affine, closed-form gradient."""
+        """Batch statistics (summed over replicas where synchronized), renorm's affine, SPEC.md §4's gradient."""
         reduce = self._all_reduce_sum()
-        stats = _ops.moments(x, self._reduction_axes, weights, reduce)
+        stats = _ops.moments(x, self._reduction_axes, weights, reduce, conditional=_refine_conditionally(x))
         mean, var = _ops.per_channel(stats.mean), _ops.per_channel(stats.var)
         gamma, beta = self._affine(x.dtype)
         if self.renorm:
@@ -391,7 +407,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _batch_statistics(self, x, weights):
         """``(count, mean, var)`` of the batch for an update while normalizing with the moving statistics."""
-        stats = _ops.moments(x, self._reduction_axes, weights, self._all_reduce_sum())
+        stats = _ops.moments(
+            x, self._reduction_axes, weights, self._all_reduce_sum(), conditional=_refine_conditionally(x)
+        )
         return tuple(_ops.per_channel(t) for t in stats[:3])
 
     def _infer(self, inputs, x):

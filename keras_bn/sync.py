@@ -2,7 +2,7 @@
 
 Synchronization is a parameter of spec's formulas, not a second implementation:
 :func:`all_reduce_sum` is what ``BatchNorm(synchronized=True)`` passes as ``all_reduce_sum`` to
-:func:`spec.shifted_moments` and :func:`spec.backward_closed_form`. Inside a strategy's replica
+:func:`spec.shifted_moments` and :func:`spec.backward_coefficient_form`. Inside a strategy's replica
 context (``strategy.run``, ``model.fit`` under a strategy) it sums over replicas, so every replica
 gets the moments of the *global* batch; anywhere else it is the identity (the local batch).
 
@@ -14,7 +14,7 @@ and sum(x^2) instead, and loses the variance at large offsets):
     round 2:  D1 = sum_r sum_i w_i (x_i - m),  D2 = sum_r sum_i w_i (x_i - m)^2
 
 Collective calls per BatchNorm layer per training step: 2 forward (rounds 1 and 2, each one
-batched all-reduce of two per-channel vectors) + 1 backward (the closed form's dbeta, dgamma) = 3
+batched all-reduce of two per-channel vectors) + 1 backward (the backward's dbeta, dgamma) = 3
 (:data:`COLLECTIVES_PER_STEP`); on CPU each batched call is one collective kernel. Keras' own
 synchronized path issues 3 forward + 2 backward (measured in tests/test_sync_keras.py).
 """

@@ -35,11 +35,20 @@ from spec.conventions import (
     update_running_stats,
     variance_for_update,
 )
-from spec.moments import ShiftedMoments, merge_moments, moments, safe_count, shifted_moments
+from spec.moments import (
+    REFINE_WHEN_NEEDED,
+    ShiftedMoments,
+    merge_moments,
+    moments,
+    refinement_matters,
+    safe_count,
+    shifted_moments,
+)
 
 __all__ = [
     "CONVENTIONS",
     "DEFAULT",
+    "REFINE_WHEN_NEEDED",
     "Convention",
     "Hyperparameters",
     "ShiftedMoments",
@@ -64,6 +73,7 @@ __all__ = [
     "needs_counter",
     "new_value_weight",
     "normalize",
+    "refinement_matters",
     "safe_count",
     "shifted_moments",
     "update_running_stats",

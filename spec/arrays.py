@@ -76,11 +76,66 @@ class Namespace:
             return self.xp.cast(self.xp.size(x), x.dtype) / channels
         return float(math.prod([x.shape[a] for a in axes]))
 
+    def abs(self, x):
+        return self.xp.abs(x)
+
+    def any(self, x):
+        """Whether any element is true, as the module's scalar (a traced boolean under a trace)."""
+        return self.xp.any(x)
+
+    def cond(self, predicate, true_fn: Callable[[], object], false_fn: Callable[[], object]):
+        """``true_fn()`` if ``predicate`` else ``false_fn()``: a traced conditional for keras.ops (``tf.cond``,
+        ``lax.cond``), so a compiled graph runs only the branch it needs; Python's ``if`` for NumPy and torch."""
+        if self.name == "keras.ops":
+            return self.xp.cond(predicate, true_fn, false_fn)
+        return true_fn() if bool(predicate) else false_fn()
+
+    def sum_in_branch(self, x, axis: tuple[int, ...]):
+        """``sum(x, axis, keepdims=True)`` inside a :meth:`cond` branch that should stay conditional once compiled.
+
+        TensorFlow's XLA (``ConditionalSimplifier``) deems a branch of reductions and elementwise ops cheap and
+        rewrites the conditional into a ``select`` that always computes both branches; a matrix-vector product
+        is not deemed cheap. So on the TensorFlow backend, with the channel axis last, the sum over every other
+        axis is ``ones(1, m) @ x.reshape(m, C)`` (the same sum, another summation order). JAX keeps a
+        ``lax.cond`` of a plain reduction (measured: bench/xla_cost.py), and NumPy and torch branch in Python.
+        """
+        ndim = len(x.shape)
+        if self.name != "keras.ops" or tuple(axis) != tuple(range(ndim - 1)) or not _keras_backend_is("tensorflow"):
+            return self.sum(x, axis, keepdims=True)
+        rows = self.xp.reshape(x, (-1, x.shape[-1]))
+        ones = self.xp.ones((1, self.xp.shape(rows)[0]), dtype=rows.dtype)
+        return self.xp.reshape(self.xp.matmul(ones, rows), (1,) * (ndim - 1) + (x.shape[-1],))
+
+    def unit_roundoff(self, x) -> float:
+        """``u``, half the spacing of 1.0 in x's dtype (2**-24 for float32): a rounded result is within ``u``
+        relative of the exact one."""
+        if self.name == "torch":
+            return self.xp.finfo(x.dtype).eps / 2
+        dtype = str(np.dtype(x.dtype)) if self.xp is np else _keras_dtype(x.dtype)
+        return _UNIT_ROUNDOFF[dtype]
+
     def expm1(self, x):
         return self.xp.expm1(x)
 
     def log1p(self, x):
         return self.xp.log1p(x)
+
+
+#: 2**-(significand bits), by dtype name (NumPy's finfo knows no bfloat16)
+_UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24, "float64": 2.0**-53}
+
+
+def _keras_dtype(dtype) -> str:
+    """A backend tensor's dtype as NumPy's name ("float32"), via Keras' own mapping."""
+    import keras  # only reached with xp=keras.ops
+
+    return keras.backend.standardize_dtype(dtype)
+
+
+def _keras_backend_is(name: str) -> bool:
+    import keras  # only reached with xp=keras.ops
+
+    return keras.backend.backend() == name
 
 
 def _holds_result(target, operands) -> bool:

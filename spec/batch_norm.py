@@ -139,6 +139,7 @@ def backward_coefficient_form(
     all_reduce_sum: AllReduceSum = identity,
     xp=None,
     overwrite_centered: bool = False,
+    centered_offset=None,
 ):
     """:func:`backward_closed_form` from ``centered = x - mean`` and ``inv_sigma``, in per-channel coefficients.
 
@@ -150,19 +151,28 @@ def backward_coefficient_form(
     the same dx as SPEC.md §4's ``scale / m * (m * dy - w * DBETA - w * x_hat * DGAMMA)``, but only
     two x-sized passes after the sums (one fused multiply-add each, :meth:`spec.arrays.Namespace.multiply_add`)
     instead of six out-of-place temporaries. torch_ref calls it, writing dx into buffers it owns; keras_bn
-    stays on :func:`backward_closed_form` inside its ``custom_gradient`` (``keras.ops`` has no in-place
-    writes for the coefficient form to gain). The NumPy
+    calls it inside its ``custom_gradient`` on ``x - shift`` with ``centered_offset`` (fewer x-sized ops
+    where each op is a pass: TensorFlow graphs, eager torch). The NumPy
     reference (:func:`batch_norm_backward`) stays on :func:`backward_closed_form` too: multiplying the
     bracket out rounds differently, and the golden vectors pin the reference's float64 bits; the two
     agree to float64 rounding (tests/test_spec_namespaces.py). ``overwrite_centered=True`` lets torch
     reuse the caller's temporary ``centered`` for dx. Returns ``(dx, dgamma, dbeta)`` like
     :func:`backward_closed_form` (this replica's own dgamma, dbeta, keepdims).
+
+    ``centered_offset`` (per-channel, e.g. :class:`spec.ShiftedMoments`' ``delta``): ``centered`` is ``x - shift``
+    and ``x - mean = centered - centered_offset``, folded into the per-channel sums and coefficients instead of
+    an x-sized subtraction: ``dgamma = inv_sigma * (sum dy * centered - offset * dbeta)``, ``c -= b * offset``.
     """
     ns = namespace(xp)
     dbeta = ns.sum(dy, axis=axes, keepdims=True)
-    dgamma = ns.sum(dy * centered, axis=axes, keepdims=True) * inv_sigma
+    dy_centered = ns.sum(dy * centered, axis=axes, keepdims=True)
+    if centered_offset is not None:
+        dy_centered = dy_centered - centered_offset * dbeta
+    dgamma = dy_centered * inv_sigma
     total_dbeta, total_dgamma = all_reduce_sum([dbeta, dgamma])
     a, b, c = backward_coefficients(total_dbeta, total_dgamma, scale, count=count, inv_sigma=inv_sigma, xp=ns)
+    if centered_offset is not None:
+        c = c - b * centered_offset
     correction = ns.multiply_add(centered, b, c, overwrite="x" if overwrite_centered else None)
     if weights is not None:
         correction = correction * weights

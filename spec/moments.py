@@ -18,6 +18,8 @@ from spec._checks import as_float_array, channel_axis, mask_weights, non_negativ
 from spec.arrays import AllReduceSum, identity, namespace
 
 ACCUMULATOR = np.float64
+#: ``shifted_moments(refine=...)``: refine only where the first pass's rounding can matter (SPEC.md §8.5)
+REFINE_WHEN_NEEDED = "when_needed"
 
 
 def reduction_axes(ndim: int, axis: int) -> tuple[int, ...]:
@@ -71,7 +73,7 @@ def shifted_moments(
     *,
     weights=None,
     all_reduce_sum: AllReduceSum = identity,
-    refine: bool = True,
+    refine: bool | str = True,
     return_centered: bool = False,
     count_as_number: bool = False,
     xp=None,
@@ -95,6 +97,11 @@ def shifted_moments(
     ``refine=False`` drops ``delta`` (mean = shift, var = D2 / n, delta = 0): the plain two-pass
     form, which the float64 reference and its golden vectors use (SPEC.md §10); in float64 the
     two differ by rounding only, in float32 the refinement is what keeps §8's accuracy.
+    ``refine="when_needed"`` (:data:`REFINE_WHEN_NEEDED`) sums ``D1`` only where
+    :func:`refinement_matters` says the shift's rounding can reach the variance (SPEC.md §8.5), as a
+    traced conditional under keras.ops: ordinary data then skip one reduction over x, large offsets keep
+    the refinement. Its condition uses only all-replica sums, so every replica
+    takes the same branch.
 
     ``return_centered=True`` returns ``(stats, x - shift)``: the x-sized difference the second round
     computed (masked positions zeroed where ``weights`` are given), which the caller may reuse (e.g.
@@ -102,6 +109,8 @@ def shifted_moments(
     ``count`` as a Python number where it needs no sum (no weights, a single replica, a static shape:
     numpy and torch), which spares the per-channel array ops on it every step; else keepdims.
     """
+    if refine not in (True, False, REFINE_WHEN_NEEDED):
+        raise ValueError(f"refine must be True, False or {REFINE_WHEN_NEEDED!r}, got {refine!r}")
     ns = namespace(xp)
     if weights is None:
         local_sum = ns.sum(x, axis=axes, keepdims=True)
@@ -120,21 +129,54 @@ def shifted_moments(
     shifted = x - shift
     if weights is not None:
         shifted = ns.where(use, shifted, 0.0)
-        local_d1 = ns.sum(weights * shifted, axis=axes, keepdims=True) if refine else None
-        local_d2 = ns.sum(weights * shifted * shifted, axis=axes, keepdims=True)
-    else:
-        local_d1 = ns.sum(shifted, axis=axes, keepdims=True) if refine else None
-        local_d2 = ns.sum(shifted * shifted, axis=axes, keepdims=True)
-    if not refine:
+
+    def local_d1(in_branch: bool = False):
+        if not in_branch:
+            return ns.sum(shifted if weights is None else weights * shifted, axis=axes, keepdims=True)
+        # x - shift again, inside the branch: a compiler materializes a captured x-sized operand whether or
+        # not the branch runs
+        centered = x - shift if weights is None else ns.where(use, x - shift, 0.0) * weights
+        return ns.sum_in_branch(centered, axes)
+
+    local_d2 = ns.sum(shifted * shifted if weights is None else weights * shifted * shifted, axis=axes, keepdims=True)
+    if refine is False:
         (d2,) = all_reduce_sum([local_d2])
         stats = ShiftedMoments(count, shift, d2 / divisor, shift, 0.0)
-    else:
-        d1, d2 = all_reduce_sum([local_d1, local_d2])
+        return (stats, shifted) if return_centered else stats
+    if refine is True:
+        d1, d2 = all_reduce_sum([local_d1(), local_d2])
         delta = d1 / divisor
-        # D2 / n >= delta^2 exactly (Cauchy-Schwarz); the clamp only absorbs rounding.
-        var = ns.maximum(d2 / divisor - delta * delta, 0.0)
-        stats = ShiftedMoments(count, shift + delta, var, shift, delta)
+    else:
+        (d2,) = all_reduce_sum([local_d2])
+
+        def refined_delta():
+            (d1,) = all_reduce_sum([local_d1(in_branch=True)])
+            return d1 / divisor
+
+        needed = refinement_matters(count, shift, d2 / divisor, ns.unit_roundoff(x), xp=ns)
+        delta = ns.cond(needed, refined_delta, lambda: ns.full_like(shift, 0.0))
+    # D2 / n >= delta^2 exactly (Cauchy-Schwarz); the clamp only absorbs rounding.
+    var = ns.maximum(d2 / divisor - delta * delta, 0.0)
+    stats = ShiftedMoments(count, shift + delta, var, shift, delta)
     return (stats, shifted) if return_centered else stats
+
+
+def refinement_matters(count, shift, plain_var, unit_roundoff: float, *, xp=None):
+    """Whether skipping the refinement ``delta`` can cost more accuracy than the second pass's own rounding
+    (SPEC.md §8.5), decided from the plain two-pass statistics of any channel::
+
+        gamma = (n + 1) * u,   refine  iff  gamma * (sqrt(plain_var) + |shift|)^2 > plain_var  (any channel)
+
+    ``n = count``, ``u`` the unit roundoff of x's dtype, ``plain_var = D2 / n``. ``gamma * (sigma + |mean|)``
+    bounds the first pass's error ``|shift - mean|`` for sums in any order (Higham, Accuracy and Stability,
+    §4.2); skipping adds its square to the variance, and where the test is false that square is at most
+    ``gamma * plain_var``, the bound on D2's own rounding. In float32 with 200,704 values per channel it
+    refines where ``|mean| / std`` exceeds ~8; an empty channel (n = 0, all zero) never asks for it.
+    """
+    ns = namespace(xp)
+    gamma = (count + 1.0) * unit_roundoff
+    spread = ns.sqrt(plain_var) + ns.abs(shift)
+    return ns.any(gamma * (spread * spread) > plain_var)
 
 
 def moments(x, *, axis: int = 1, mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

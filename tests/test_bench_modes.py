@@ -46,3 +46,12 @@ def test_bench_modes_assembles_every_tensorflow_row_and_its_goals_from_a_capped_
         assert goal["interval"] == [min(ratios), max(ratios)] and goal["interval_coverage"] == 0.5
         low, high = goal["interval"]
         assert goal["verdict"] == ("PASS" if high <= 1.0 else "MISS" if low > 1.0 else "PARITY (within noise)")
+
+
+@pytest.mark.parametrize("workloads", ["lenet,nope", ""], ids=["unknown", "empty"])
+def test_bench_modes_refuses_unknown_workloads_naming_the_flag(workloads):
+    """A usage error (argparse's exit 2) naming --workloads, before any child process starts."""
+    command = [sys.executable, str(ROOT / "bench" / "bench_modes.py"), "--workloads", workloads]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2
+    assert "--workloads takes a comma list of layer, lenet" in done.stderr

@@ -241,6 +241,34 @@ def test_backward_coefficient_form_matches_autograd(name, masked, overwrite, bat
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_backward_coefficient_form_with_a_centered_offset_matches_autograd(name, masked, batch, rng):
+    """``centered = x - shift`` with ``x - mean = centered - centered_offset`` (keras_bn passes ShiftedMoments'
+    shift and delta): the offset folded into the per-channel sums gives autograd's gradients. The offset, up to
+    0.5 per channel on values of order 3, shifts no term by more than float32 rounding of order-1 values."""
+    xp, tensor = NAMESPACES[name]
+    x, mask = batch
+    weights = mask if masked else np.ones_like(x)
+    gamma = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    _, scale, count, dx_want, dgamma_want = _autograd_reference(x, gamma, dy, weights, 1e-3)
+    centered, inv_sigma = _centered_reference(x, weights, 1e-3)
+    offset = rng.uniform(-0.5, 0.5, (1, 3, 1)).astype(np.float32)
+    dx, dgamma, dbeta = spec.backward_coefficient_form(
+        tensor(dy),
+        tensor(centered + offset),
+        tensor(inv_sigma),
+        tensor(scale),
+        AXES,
+        count=tensor(count),
+        weights=tensor(mask) if masked else None,
+        centered_offset=tensor(offset),
+        xp=xp,
+    )
+    _close_gradients((dx, dgamma, dbeta), dx_want, dgamma_want, dy)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 def test_backward_coefficient_form_equals_the_reference_closed_form_in_float64(masked, batch, rng):
     """Why the NumPy reference keeps its own form: the two differ by float64 rounding only.
 
@@ -318,3 +346,42 @@ def test_variance_for_update_takes_a_python_count(name):
     got = spec.variance_for_update(spec.get_convention("torch"), var, 5.0, xp=xp)
     np.testing.assert_array_equal(_numpy(got), [2.5, 3.75])  # 2 * 5 / 4, 3 * 5 / 4: exact in binary
     assert np.all(_numpy(spec.variance_for_update(spec.get_convention("torch"), var, 1.0, xp=xp)) == [2.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    ("ratio", "needed"), [(0.0, False), (8.0, False), (8.3, True), (1e6, True)], ids=["0", "8", "8.3", "1e6"]
+)
+def test_refinement_matters_from_the_hand_derived_threshold(ratio, needed):
+    """SPEC.md §8.5 by hand: float32 (u = 2**-24), n = 200,704 values per channel (64x56x56):
+    gamma = (n + 1) u = 0.01196, and refinement is needed iff gamma (sigma + |shift|)^2 > sigma^2, i.e.
+    iff |shift| / sigma > 1 / sqrt(gamma) - 1 = 8.14. One channel above it is enough."""
+    n, sigma = 200_704.0, 0.5
+    shift = np.array([0.0, ratio * sigma], np.float32)
+    got = spec.refinement_matters(n, shift, np.full(2, sigma**2, np.float32), 2.0**-24)
+    assert bool(got) is needed
+
+
+@pytest.mark.parametrize(
+    ("offset", "spread", "refined"), [(0.5, 1.0, False), (1e4, 1e-2, True)], ids=["ordinary", "offset-1e4"]
+)
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_refinement_when_needed_runs_only_for_large_offsets(name, offset, spread, refined, rng):
+    """``refine="when_needed"``: ordinary data keep the plain two-pass (delta = 0, one reduction less), data with
+    |mean| / std = 1e6 get the refinement; both within SPEC.md §8's accuracy of NumPy's float64 statistics of the
+    same float32 values: 1e-5 relative for ordinary data (rerounded float32), 1e-3 for the offset variance (§8.2).
+    """
+    xp, tensor = NAMESPACES[name]
+    x = (offset + spread * rng.standard_normal((64, 3, 50))).astype(np.float32)
+    stats = spec.shifted_moments(tensor(x), AXES, refine=spec.REFINE_WHEN_NEEDED, xp=xp)
+    assert bool(np.any(_numpy(stats.delta) != 0)) is refined
+    xd = x.astype(np.float64)
+    close(_numpy(stats.mean).reshape(-1), xd.mean(axis=AXES), TOL)
+    np.testing.assert_allclose(_numpy(stats.var).reshape(-1), xd.var(axis=AXES), rtol=1e-3 if refined else 1e-5)
+    plain = spec.shifted_moments(tensor(x), AXES, refine=False, xp=xp)
+    if not refined:  # the skipped branch is the plain two-pass, bit for bit
+        np.testing.assert_array_equal(_numpy(stats.var), _numpy(plain.var))
+
+
+def test_refine_rejects_other_values():
+    with pytest.raises(ValueError, match="refine must be True, False or 'when_needed'"):
+        spec.shifted_moments(np.ones((2, 3)), (0,), refine="sometimes")
