@@ -37,20 +37,21 @@ def _affine(x: np.ndarray, axis: int, gamma, beta) -> tuple[np.ndarray, np.ndarr
     return gamma, beta
 
 
-def inference_affine(mean, var, gamma=None, beta=None, *, eps: float, xp=None):
+def inference_affine(mean, var, gamma=None, beta=None, *, eps: float, xp=None, return_inv_sigma: bool = False):
     """BN with fixed statistics as one per-channel affine map ``y = x * scale + shift`` (SPEC.md §3)::
 
         scale = gamma / sqrt(var + eps),   shift = beta - mean * scale
 
     ``gamma`` / ``beta`` None mean 1 / 0 (no scale, no center). Per-channel arrays in, per-channel
     arrays out, any namespace ``xp``; export folds and fuses BN into neighbouring layers with it.
+    ``return_inv_sigma=True`` returns ``(scale, shift, 1 / sqrt(var + eps))``: training keeps the
+    factor for its backward instead of computing it a second time.
     """
     ns = namespace(xp)
-    scale = ns.rsqrt(var + eps)
-    if gamma is not None:
-        scale = gamma * scale
+    inv_sigma = ns.rsqrt(var + eps)
+    scale = inv_sigma if gamma is None else gamma * inv_sigma
     shift = -(mean * scale) if beta is None else beta - mean * scale
-    return scale, shift
+    return (scale, shift, inv_sigma) if return_inv_sigma else (scale, shift)
 
 
 def normalize(centered, scale, beta=None, *, xp=None, overwrite_centered: bool = False):
@@ -120,10 +121,12 @@ def backward_coefficients(total_dbeta, total_dgamma, scale, *, count, inv_sigma=
     (``inv_sigma=1`` when ``centered`` is x_hat itself). ``DBETA``, ``DGAMMA`` are the all-replica
     sums, ``m`` the (safe) count, ``w`` the mask (1 without one). Only per-channel arithmetic.
     """
-    m = safe_count(count, xp)
+    # The sign goes on m, a Python number where the count is one (torch_ref): one array op fewer each,
+    # and the same bits, since rounding to nearest is symmetric: -(p * q) / m == (p * q) / -m.
+    negative_m = -safe_count(count, xp)
     a = scale
-    c = -(scale * total_dbeta) / m
-    b = -(scale * inv_sigma) * total_dgamma / m
+    c = (scale * total_dbeta) / negative_m
+    b = (scale * inv_sigma) * total_dgamma / negative_m
     return a, b, c
 
 
@@ -139,6 +142,8 @@ def backward_coefficient_form(
     all_reduce_sum: AllReduceSum = identity,
     xp=None,
     overwrite_centered: bool = False,
+    x=None,
+    mean=None,
 ):
     """:func:`backward_closed_form` from ``centered = x - mean`` and ``inv_sigma``, in per-channel coefficients.
 
@@ -155,12 +160,17 @@ def backward_coefficient_form(
     reference (:func:`batch_norm_backward`) stays on :func:`backward_closed_form` too: multiplying the
     bracket out rounds differently, and the golden vectors pin the reference's float64 bits; the two
     agree to float64 rounding (tests/test_spec_namespaces.py). ``overwrite_centered=True`` lets torch
-    reuse the caller's temporary ``centered`` for dx. Returns ``(dx, dgamma, dbeta)`` like
-    :func:`backward_closed_form` (this replica's own dgamma, dbeta, keepdims).
+    reuse the caller's temporary ``centered`` for dx; given ``x`` and ``mean`` too, torch also forms
+    ``dy * centered`` in it and then ``x - mean`` again (the same values, one x-sized allocation fewer).
+    Returns ``(dx, dgamma, dbeta)`` like :func:`backward_closed_form` (this replica's own dgamma, dbeta, keepdims).
     """
     ns = namespace(xp)
     dbeta = ns.sum(dy, axis=axes, keepdims=True)
-    dgamma = ns.sum(dy * centered, axis=axes, keepdims=True) * inv_sigma
+    recompute = overwrite_centered and x is not None and mean is not None
+    products = ns.multiply(centered, dy, overwrite=recompute)
+    dgamma = ns.sum(products, axis=axes, keepdims=True) * inv_sigma
+    if products is centered:
+        centered = ns.subtract(x, mean, out=products)
     total_dbeta, total_dgamma = all_reduce_sum([dbeta, dgamma])
     a, b, c = backward_coefficients(total_dbeta, total_dgamma, scale, count=count, inv_sigma=inv_sigma, xp=ns)
     correction = ns.multiply_add(centered, b, c, overwrite="x" if overwrite_centered else None)

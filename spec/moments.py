@@ -124,7 +124,12 @@ def shifted_moments(
         local_d2 = ns.sum(weights * shifted * shifted, axis=axes, keepdims=True)
     else:
         local_d1 = ns.sum(shifted, axis=axes, keepdims=True) if refine else None
-        local_d2 = ns.sum(shifted * shifted, axis=axes, keepdims=True)
+        # torch squares shifted (this function's temporary) in place and, if the caller wants it, forms
+        # x - shift again in the same buffer: the same values, one x-sized allocation fewer.
+        squares = ns.multiply(shifted, shifted, overwrite=True)
+        local_d2 = ns.sum(squares, axis=axes, keepdims=True)
+        if squares is shifted and return_centered:
+            shifted = ns.subtract(x, shift, out=squares)
     if not refine:
         (d2,) = all_reduce_sum([local_d2])
         stats = ShiftedMoments(count, shift, d2 / divisor, shift, 0.0)
