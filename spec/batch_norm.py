@@ -180,6 +180,73 @@ def backward_coefficient_form(
     return ns.multiply_add(dy, a, correction, overwrite="b"), dgamma, dbeta
 
 
+def batch_norm_tangent(
+    dx, x_hat, inv_sigma, axes: tuple[int, ...], *, count, gamma=None, dgamma=None, dbeta=None, xp=None
+):
+    """Training-mode forward-mode derivative (jvp): the tangent ``dy`` for tangents of x, gamma and beta::
+
+        dy_i = gamma * inv_sigma * (dx_i - mean(dx) - x_hat_i * mean(x_hat * dx)) + dgamma * x_hat_i + dbeta
+
+    the means over a channel's ``m = count`` values (keepdims, or a Python number). Differentiating
+    ``y = gamma * x_hat + beta`` with the batch's own statistics: ``d mu = mean(dx)`` and
+    ``d sigma = sigma * mean(x_hat * dx)``, so ``d x_hat = inv_sigma * (dx - d mu) - x_hat * d sigma / sigma``;
+    the bracket is SPEC.md §4's backward bracket transposed. ``inv_sigma`` is ``1 / sqrt(var + eps)``,
+    ``gamma`` None means 1; a tangent None is zero, and ``dy`` is None when all three are. Keepdims
+    per-channel arrays, any namespace ``xp``; torch_ref's ``jvp`` calls it, :func:`batch_norm_jvp` is
+    the NumPy reference.
+    """
+    ns = namespace(xp)
+    m = safe_count(count, ns)
+    dy = None
+    if dx is not None:
+        mean_dx = ns.sum(dx, axis=axes, keepdims=True) / m
+        mean_x_hat_dx = ns.sum(x_hat * dx, axis=axes, keepdims=True) / m
+        dx_hat = inv_sigma * (dx - mean_dx - x_hat * mean_x_hat_dx)
+        dy = dx_hat if gamma is None else dx_hat * gamma
+    if dgamma is not None:
+        dy = x_hat * dgamma if dy is None else dy + x_hat * dgamma
+    if dbeta is not None:
+        dy = dbeta + 0.0 * x_hat if dy is None else dy + dbeta
+    return dy
+
+
+def batch_norm_jvp(x, gamma, dx, dgamma=None, dbeta=None, *, axis: int = 1, eps: float = 1e-5) -> np.ndarray:
+    """Training-mode forward-mode derivative in float64: the tangent of :func:`batch_norm_train`'s ``y``.
+
+    ``dx`` has x's shape; ``dgamma``, ``dbeta`` (per channel, None for zero) are the tangents of
+    gamma and beta. The formula is :func:`batch_norm_tangent`'s; returns ``dy`` in x's dtype.
+    """
+    x = as_float_array(x, "x")
+    dx = as_float_array(dx, "dx")
+    if dx.shape != x.shape:
+        raise ValueError(f"dx must have the shape of x {x.shape}, got {dx.shape}")
+    axis = channel_axis(x, axis)
+    eps = positive_eps(eps)
+    channels = x.shape[axis]
+    gamma = per_channel(gamma, "gamma", channels).astype(ACCUMULATOR)
+    count, mean, var = moments(x, axis=axis)
+    if np.any(count <= 1):
+        raise ValueError(f"training needs more than one value per channel, got {int(np.min(count))}")
+    shape = channel_shape(x.ndim, axis)
+    inv_sigma, _ = inference_affine(mean, var, eps=eps)
+    x_hat = (x.astype(ACCUMULATOR) - mean.reshape(shape)) * inv_sigma.reshape(shape)
+    tangents = [
+        None if t is None else per_channel(t, name, channels).astype(ACCUMULATOR).reshape(shape)
+        for t, name in ((dgamma, "dgamma"), (dbeta, "dbeta"))
+    ]
+    dy = batch_norm_tangent(
+        dx.astype(ACCUMULATOR),
+        x_hat,
+        inv_sigma.reshape(shape),
+        reduction_axes(x.ndim, axis),
+        count=count.reshape(shape),
+        gamma=gamma.reshape(shape),
+        dgamma=tangents[0],
+        dbeta=tangents[1],
+    )
+    return dy.astype(x.dtype)
+
+
 def batch_norm_train(
     x, gamma, beta, *, axis: int = 1, eps: float = 1e-5, mask=None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
