@@ -99,7 +99,11 @@ def _statistics(x: Tensor, all_reduce_sum: Any = None, return_centered: bool = F
 
 
 def _keepdims(parameter: Tensor | None, x: Tensor, channel_dim: int = 1) -> Tensor | None:
-    return None if parameter is None else _as(parameter, x.dtype).view(_channel_shape(x, channel_dim))
+    """A per-channel vector in x's dtype, shaped to broadcast against x (as it is where the channels are last)."""
+    if parameter is None:
+        return None
+    parameter = _as(parameter, x.dtype)
+    return parameter if channel_dim == x.dim() - 1 else parameter.view(_channel_shape(x, channel_dim))
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
