@@ -41,6 +41,10 @@ if keras.backend.backend() == "tensorflow":
     from keras_bn import _fused, sync, tuning
 else:
     _fused = sync = tuning = None
+# On the torch backend the generic training path runs torch_ref's autograd Function (the same spec formulas).
+_torch_backend = None
+if keras.backend.backend() == "torch":
+    from keras_bn import _torch_backend
 
 STATS_UPDATES = ("auto", "deferred", "frozen")
 NORMALIZE_WITH = ("batch", "moving")
@@ -391,6 +395,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _train_generic(self, x, weights):
         """Batch statistics (summed over replicas where synchronized), renorm's affine, SPEC.md §4's gradient."""
+        if _torch_backend is not None and weights is None and not self.renorm and not self.synchronized:
+            return _torch_backend.train(x, *self._affine(x.dtype), self.epsilon, self._channel_axis)
         reduce = self._all_reduce_sum()
         stats = _ops.moments(x, self._reduction_axes, weights, reduce, conditional=_refine_conditionally(x))
         mean, var = _ops.per_channel(stats.mean), _ops.per_channel(stats.var)
@@ -511,7 +517,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             variable.assign(value if gate is None else ops.where(gate, value, variable.value))
 
         counter = self.num_batches_tracked
-        new_mean, new_var, valid = _ops.update_running_stats(
+        update = _ops.update_running_stats if _torch_backend is None else _torch_backend.update_running_stats
+        new_mean, new_var, valid = update(
             self.moving_mean.value,
             self.moving_variance.value,
             mean,

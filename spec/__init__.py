@@ -2,8 +2,8 @@
 
 Every implementation in this project (Keras layer, PyTorch reference, ONNX graphs) is
 tested against these functions; SPEC.md is the normative text they implement. The formulas
-(``shifted_moments``, ``backward_closed_form`` and its coefficient form, ``inference_affine``, ``normalize``,
-``new_value_weight``, ``variance_for_update``, ``moving_average``) take an array namespace
+(``shifted_moments``, ``backward_closed_form`` and its coefficient form, ``batch_norm_tangent``, ``inference_affine``,
+``normalize``, ``new_value_weight``, ``variance_for_update``, ``moving_average``) take an array namespace
 ``xp`` (numpy by default, ``keras.ops``, ``torch``): the layers call them on their own tensors.
 """
 
@@ -14,6 +14,8 @@ from spec.batch_norm import (
     backward_coefficients,
     batch_norm_backward,
     batch_norm_infer,
+    batch_norm_jvp,
+    batch_norm_tangent,
     batch_norm_train,
     inference_affine,
     normalize,
@@ -57,6 +59,8 @@ __all__ = [
     "backward_coefficients",
     "batch_norm_backward",
     "batch_norm_infer",
+    "batch_norm_jvp",
+    "batch_norm_tangent",
     "batch_norm_train",
     "biased_variance",
     "caffe_blobs",

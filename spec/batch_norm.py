@@ -37,20 +37,21 @@ def _affine(x: np.ndarray, axis: int, gamma, beta) -> tuple[np.ndarray, np.ndarr
     return gamma, beta
 
 
-def inference_affine(mean, var, gamma=None, beta=None, *, eps: float, xp=None):
+def inference_affine(mean, var, gamma=None, beta=None, *, eps: float, xp=None, return_inv_sigma: bool = False):
     """BN with fixed statistics as one per-channel affine map ``y = x * scale + shift`` (SPEC.md §3)::
 
         scale = gamma / sqrt(var + eps),   shift = beta - mean * scale
 
     ``gamma`` / ``beta`` None mean 1 / 0 (no scale, no center). Per-channel arrays in, per-channel
     arrays out, any namespace ``xp``; export folds and fuses BN into neighbouring layers with it.
+    ``return_inv_sigma=True`` returns ``(scale, shift, 1 / sqrt(var + eps))``: training keeps the
+    factor for its backward instead of computing it a second time.
     """
     ns = namespace(xp)
-    scale = ns.rsqrt(var + eps)
-    if gamma is not None:
-        scale = gamma * scale
+    inv_sigma = ns.rsqrt(var + eps)
+    scale = inv_sigma if gamma is None else gamma * inv_sigma
     shift = -(mean * scale) if beta is None else beta - mean * scale
-    return scale, shift
+    return (scale, shift, inv_sigma) if return_inv_sigma else (scale, shift)
 
 
 def normalize(centered, scale, beta=None, *, xp=None, overwrite_centered: bool = False):
@@ -120,10 +121,12 @@ def backward_coefficients(total_dbeta, total_dgamma, scale, *, count, inv_sigma=
     (``inv_sigma=1`` when ``centered`` is x_hat itself). ``DBETA``, ``DGAMMA`` are the all-replica
     sums, ``m`` the (safe) count, ``w`` the mask (1 without one). Only per-channel arithmetic.
     """
-    m = safe_count(count, xp)
+    # The sign goes on m, a Python number where the count is one (torch_ref): one array op fewer each,
+    # and the same bits, since rounding to nearest is symmetric: -(p * q) / m == (p * q) / -m.
+    negative_m = -safe_count(count, xp)
     a = scale
-    c = -(scale * total_dbeta) / m
-    b = -(scale * inv_sigma) * total_dgamma / m
+    c = (scale * total_dbeta) / negative_m
+    b = (scale * inv_sigma) * total_dgamma / negative_m
     return a, b, c
 
 
@@ -140,6 +143,8 @@ def backward_coefficient_form(
     xp=None,
     overwrite_centered: bool = False,
     centered_offset=None,
+    x=None,
+    mean=None,
 ):
     """:func:`backward_closed_form` from ``centered = x - mean`` and ``inv_sigma``, in per-channel coefficients.
 
@@ -156,8 +161,10 @@ def backward_coefficient_form(
     reference (:func:`batch_norm_backward`) stays on :func:`backward_closed_form` too: multiplying the
     bracket out rounds differently, and the golden vectors pin the reference's float64 bits; the two
     agree to float64 rounding (tests/test_spec_namespaces.py). ``overwrite_centered=True`` lets torch
-    reuse the caller's temporary ``centered`` for dx. Returns ``(dx, dgamma, dbeta)`` like
-    :func:`backward_closed_form` (this replica's own dgamma, dbeta, keepdims).
+    reuse the caller's temporary ``centered`` for dx; given ``x`` and ``mean`` too (and no ``centered_offset``),
+    torch also forms ``dy * centered`` in it and then ``x - mean`` again (the same values, one x-sized allocation
+    fewer). Returns ``(dx, dgamma, dbeta)`` like :func:`backward_closed_form` (this replica's own dgamma, dbeta,
+    keepdims).
 
     ``centered_offset`` (per-channel, e.g. :class:`spec.ShiftedMoments`' ``delta``): ``centered`` is ``x - shift``
     and ``x - mean = centered - centered_offset``, folded into the per-channel sums and coefficients instead of
@@ -165,7 +172,11 @@ def backward_coefficient_form(
     """
     ns = namespace(xp)
     dbeta = ns.sum(dy, axis=axes, keepdims=True)
-    dy_centered = ns.sum(dy * centered, axis=axes, keepdims=True)
+    recompute = overwrite_centered and x is not None and mean is not None and centered_offset is None
+    products = ns.multiply(centered, dy, overwrite=recompute)
+    dy_centered = ns.sum(products, axis=axes, keepdims=True)
+    if products is centered:
+        centered = ns.subtract(x, mean, out=products)
     if centered_offset is not None:
         dy_centered = dy_centered - centered_offset * dbeta
     dgamma = dy_centered * inv_sigma
@@ -178,6 +189,73 @@ def backward_coefficient_form(
         correction = correction * weights
     # ``correction`` is a temporary of this function (or the caller's, when it gave it away): reuse it
     return ns.multiply_add(dy, a, correction, overwrite="b"), dgamma, dbeta
+
+
+def batch_norm_tangent(
+    dx, x_hat, inv_sigma, axes: tuple[int, ...], *, count, gamma=None, dgamma=None, dbeta=None, xp=None
+):
+    """Training-mode forward-mode derivative (jvp): the tangent ``dy`` for tangents of x, gamma and beta::
+
+        dy_i = gamma * inv_sigma * (dx_i - mean(dx) - x_hat_i * mean(x_hat * dx)) + dgamma * x_hat_i + dbeta
+
+    the means over a channel's ``m = count`` values (keepdims, or a Python number). Differentiating
+    ``y = gamma * x_hat + beta`` with the batch's own statistics: ``d mu = mean(dx)`` and
+    ``d sigma = sigma * mean(x_hat * dx)``, so ``d x_hat = inv_sigma * (dx - d mu) - x_hat * d sigma / sigma``;
+    the bracket is SPEC.md §4's backward bracket transposed. ``inv_sigma`` is ``1 / sqrt(var + eps)``,
+    ``gamma`` None means 1; a tangent None is zero, and ``dy`` is None when all three are. Keepdims
+    per-channel arrays, any namespace ``xp``; torch_ref's ``jvp`` calls it, :func:`batch_norm_jvp` is
+    the NumPy reference.
+    """
+    ns = namespace(xp)
+    m = safe_count(count, ns)
+    dy = None
+    if dx is not None:
+        mean_dx = ns.sum(dx, axis=axes, keepdims=True) / m
+        mean_x_hat_dx = ns.sum(x_hat * dx, axis=axes, keepdims=True) / m
+        dx_hat = inv_sigma * (dx - mean_dx - x_hat * mean_x_hat_dx)
+        dy = dx_hat if gamma is None else dx_hat * gamma
+    if dgamma is not None:
+        dy = x_hat * dgamma if dy is None else dy + x_hat * dgamma
+    if dbeta is not None:
+        dy = dbeta + 0.0 * x_hat if dy is None else dy + dbeta
+    return dy
+
+
+def batch_norm_jvp(x, gamma, dx, dgamma=None, dbeta=None, *, axis: int = 1, eps: float = 1e-5) -> np.ndarray:
+    """Training-mode forward-mode derivative in float64: the tangent of :func:`batch_norm_train`'s ``y``.
+
+    ``dx`` has x's shape; ``dgamma``, ``dbeta`` (per channel, None for zero) are the tangents of
+    gamma and beta. The formula is :func:`batch_norm_tangent`'s; returns ``dy`` in x's dtype.
+    """
+    x = as_float_array(x, "x")
+    dx = as_float_array(dx, "dx")
+    if dx.shape != x.shape:
+        raise ValueError(f"dx must have the shape of x {x.shape}, got {dx.shape}")
+    axis = channel_axis(x, axis)
+    eps = positive_eps(eps)
+    channels = x.shape[axis]
+    gamma = per_channel(gamma, "gamma", channels).astype(ACCUMULATOR)
+    count, mean, var = moments(x, axis=axis)
+    if np.any(count <= 1):
+        raise ValueError(f"training needs more than one value per channel, got {int(np.min(count))}")
+    shape = channel_shape(x.ndim, axis)
+    inv_sigma, _ = inference_affine(mean, var, eps=eps)
+    x_hat = (x.astype(ACCUMULATOR) - mean.reshape(shape)) * inv_sigma.reshape(shape)
+    tangents = [
+        None if t is None else per_channel(t, name, channels).astype(ACCUMULATOR).reshape(shape)
+        for t, name in ((dgamma, "dgamma"), (dbeta, "dbeta"))
+    ]
+    dy = batch_norm_tangent(
+        dx.astype(ACCUMULATOR),
+        x_hat,
+        inv_sigma.reshape(shape),
+        reduction_axes(x.ndim, axis),
+        count=count.reshape(shape),
+        gamma=gamma.reshape(shape),
+        dgamma=tangents[0],
+        dbeta=tangents[1],
+    )
+    return dy.astype(x.dtype)
 
 
 def batch_norm_train(

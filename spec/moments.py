@@ -138,13 +138,23 @@ def shifted_moments(
         centered = x - shift if weights is None else ns.where(use, x - shift, 0.0) * weights
         return ns.sum_in_branch(centered, axes)
 
-    local_d2 = ns.sum(shifted * shifted if weights is None else weights * shifted * shifted, axis=axes, keepdims=True)
+    # D1 first: on torch the square below may overwrite ``shifted``
+    eager_d1 = local_d1() if refine is True else None
+    if weights is not None:
+        local_d2 = ns.sum(weights * shifted * shifted, axis=axes, keepdims=True)
+    else:
+        # torch squares shifted (this function's temporary) in place and, if the caller wants it, forms
+        # x - shift again in the same buffer: the same values, one x-sized allocation fewer.
+        squares = ns.multiply(shifted, shifted, overwrite=True)
+        local_d2 = ns.sum(squares, axis=axes, keepdims=True)
+        if squares is shifted and return_centered:
+            shifted = ns.subtract(x, shift, out=squares)
     if refine is False:
         (d2,) = all_reduce_sum([local_d2])
         stats = ShiftedMoments(count, shift, d2 / divisor, shift, 0.0)
         return (stats, shifted) if return_centered else stats
     if refine is True:
-        d1, d2 = all_reduce_sum([local_d1(), local_d2])
+        d1, d2 = all_reduce_sum([eager_d1, local_d2])
         delta = d1 / divisor
     else:
         (d2,) = all_reduce_sum([local_d2])

@@ -306,6 +306,10 @@ _TORCH_BACKEND_SCRIPT = textwrap.dedent(
             "dgamma": float(np.abs(layer.gamma.value.grad.numpy() - dgamma).max()),
             "dbeta": float(np.abs(layer.beta.value.grad.numpy() - dbeta).max()),
         }
+    # the plain training step is torch_ref's Function (keras_bn/_torch_backend.py), a masked one keras.ops' path
+    layer = keras_bn.BatchNorm()
+    x = torch.tensor(rng.standard_normal((4, 3)).astype(np.float32), requires_grad=True)
+    errors["grad_fn"] = type(layer(x, training=True).grad_fn).__name__
     # forgetting apply_updates is an error on this (eager) backend too
     layer = keras_bn.BatchNorm(stats_update="deferred")
     layer(np.ones((4, 2), np.float32), training=True)
@@ -321,9 +325,9 @@ _TORCH_BACKEND_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow  # a subprocess under KERAS_BACKEND=torch
 def test_layer_runs_and_matches_spec_under_keras_torch_backend():
-    """Generic keras.ops path on KERAS_BACKEND=torch (a fresh process: the backend is fixed at import):
-    outputs and statistics over 10 steps for five conventions/modes/ranks, gradients through
-    keras.ops.custom_gradient against spec.batch_norm_backward, and the forgotten-apply error.
+    """The layer on KERAS_BACKEND=torch (a fresh process: the backend is fixed at import), whose plain training
+    step is torch_ref's autograd Function: outputs and statistics over 10 steps for five conventions/modes/ranks,
+    gradients against spec.batch_norm_backward, that Function in the graph, and the forgotten-apply error.
 
     Tolerances as in test_layer_spec (float32 vs float64): outputs 1e-5, stats 2e-6 relative.
     """
@@ -335,6 +339,7 @@ def test_layer_runs_and_matches_spec_under_keras_torch_backend():
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert "was called in training mode while its previous moving-statistics update" in errors.pop("forgot")
+    assert errors.pop("grad_fn") == "_BatchNormTrainWithJvpBackward"
     for run in ("grad-4d-axis-1", "grad-4d-axis1"):
         err = errors.pop(run)
         # dx O(1) within 1e-5; dgamma/dbeta sum 120 terms of O(3): 1e-4

@@ -161,6 +161,34 @@ def test_backward_matches_central_finite_differences(case, eps):
     np.testing.assert_allclose(dbeta, numeric(beta, lambda v: loss(x, gamma, v), 1e-5), rtol=1e-6, atol=1e-6)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    batches(max_rank=4, max_side=3), st.sampled_from([1e-5, 1e-3, 0.5]), st.sampled_from(["x", "gamma", "beta", "all"])
+)
+def test_jvp_matches_central_finite_differences(case, eps, moved):
+    """The tangent dy of (x, gamma, beta) moved along (dx, dgamma, dbeta) against (y(p + h t) - y(p - h t)) / 2h."""
+    x, axis = case
+    x = x / np.abs(x).max() if np.abs(x).max() > 10 else x  # keep h relative to the data
+    gamma, beta = _params(x, axis, seed=1)
+    rng = np.random.default_rng(4)
+    dx = rng.normal(size=x.shape) if moved in ("x", "all") else np.zeros(x.shape)
+    dgamma = rng.normal(size=gamma.shape) if moved in ("gamma", "all") else None
+    dbeta = rng.normal(size=beta.shape) if moved in ("beta", "all") else None
+    dy = spec.batch_norm_jvp(x, gamma, dx, dgamma, dbeta, axis=axis, eps=eps)
+
+    def y(t: float) -> np.ndarray:
+        g = gamma if dgamma is None else gamma + t * dgamma
+        b = beta if dbeta is None else beta + t * dbeta
+        return spec.batch_norm_train(x + t * dx, g, b, axis=axis, eps=eps)[0]
+
+    std = float(np.sqrt(spec.moments(x, axis=axis)[2].min() + eps))
+    h = 1e-5 * std
+    # As the backward's test: truncation O(h^2 / std^3), cancellation O(1e-16 * |y| / h), both ~1e-6 of
+    # the tangent's scale, |t| / std for x's direction (|t| = O(1..3)) and O(1..3) for gamma's and beta's.
+    scale = (float(np.abs(dx).max()) / std) + 3.0
+    np.testing.assert_allclose(dy, (y(h) - y(-h)) / (2 * h), rtol=0, atol=2e-5 * scale)
+
+
 @SETTINGS
 @given(batches())
 def test_backward_dx_sums_to_zero_per_channel(case):

@@ -258,12 +258,57 @@ def test_bad_constructor_arguments_raise_naming_the_argument(case: str) -> None:
         torch_ref.BatchNorm1d(**{"num_features": 3, **kwargs})
 
 
-def test_gradcheck_float64() -> None:
-    """Closed-form backward vs finite differences (torch.autograd.gradcheck, float64)."""
-    x = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("channel_dim", [1, -1], ids=["NCL-dim1", "NLC-dim-1"])
+def test_gradcheck_float64(channel_dim: int) -> None:
+    """Closed-form backward, its double backward and the jvp vs finite differences (gradcheck, float64)."""
+    x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(3, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, w, b: torch_ref.batch_norm_train(a, w, b, 1e-5)[0], (x, weight, bias))
+
+    def y(a, w, b):
+        return torch_ref.batch_norm_train(a, w, b, 1e-5, channel_dim=channel_dim)[0]
+
+    assert torch.autograd.gradcheck(y, (x, weight, bias), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(y, (x, weight, bias))
+
+
+@pytest.mark.parametrize(
+    ("shape", "channel_dim"),
+    [((6, 5, 4, 3), -1), ((6, 5, 4, 3), 3), ((6, 5, 4, 3), 2), ((8, 7, 5), -1), ((16, 5), 1)],
+    ids=["NHWC-dim-1", "NHWC-dim3", "NHcW-dim2", "NLC-dim-1", "NC-dim1"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_batch_norm_train_at_any_channel_dim_matches_torch_nn_on_moved_channels(
+    shape: tuple[int, ...], channel_dim: int, dtype: torch.dtype
+) -> None:
+    """``batch_norm_train(..., channel_dim=d)`` (channels_last for Keras' torch backend) against ATen's BN on the
+    same values with the channels moved to dim 1: y, batch statistics and the gradients of x, weight, bias."""
+    gen = torch.Generator().manual_seed(3)
+    x = (2.0 + 3.0 * torch.randn(shape, generator=gen, dtype=dtype)).requires_grad_()
+    channels = shape[channel_dim]
+    weight = (torch.rand(channels, generator=gen, dtype=dtype) + 0.5).requires_grad_()
+    bias = torch.randn(channels, generator=gen, dtype=dtype).requires_grad_()
+    dy = torch.randn(shape, generator=gen, dtype=dtype)
+    y, mean, var = torch_ref.batch_norm_train(x, weight, bias, 1e-5, channel_dim=channel_dim)
+    grads = torch.autograd.grad(y, [x, weight, bias], dy)
+
+    x_peer = x.detach().movedim(channel_dim, 1).requires_grad_()
+    y_peer = torch.nn.functional.batch_norm(x_peer, None, None, weight, bias, training=True, eps=1e-5)
+    grads_peer = torch.autograd.grad(y_peer, [x_peer, weight, bias], dy.movedim(channel_dim, 1))
+    x_moved = x.detach().movedim(channel_dim, 1)
+    dims = [0, *range(2, x.dim())]
+    tol = TOL[dtype]
+    close(y, y_peer.movedim(1, channel_dim), tol, scale="magnitude", what="y")
+    close(mean, x_moved.mean(dim=dims), tol, scale="magnitude", what="batch mean")
+    close(var, x_moved.var(dim=dims, unbiased=False), tol, scale="magnitude", what="biased batch variance")
+    close(grads[0], grads_peer[0].movedim(1, channel_dim), tol, scale="magnitude", what="dx")
+    close(grads[1], grads_peer[1], tol, scale="magnitude", what="dweight")
+    close(grads[2], grads_peer[2], tol, scale="magnitude", what="dbias")
+
+
+def test_batch_norm_train_refuses_a_channel_dim_out_of_range() -> None:
+    with pytest.raises(ValueError, match="channel_dim 4 is out of range for 4D input"):
+        torch_ref.batch_norm_train(torch.zeros(2, 3, 4, 5), None, None, channel_dim=4)
 
 
 def test_large_offset_float32_is_at_least_as_accurate_as_torch_nn(capsys) -> None:

@@ -9,6 +9,7 @@ per channel c over the m values that share it (over every replica's batch when s
     spec.normalize             y = (x - mean) * scale + beta
     spec.backward_coefficient_form  dx = gamma / (m * sigma) * (m * dy - dbeta - x_hat * dgamma),
                                as dx = a * dy + b * (x - mean) + c with per-channel a, b, c
+    spec.batch_norm_tangent    the jvp, dy = gamma / sigma * (dx - mean(dx) - x_hat * mean(x_hat * dx)) + ...
     spec.new_value_weight, spec.variance_for_update, spec.moving_average   (the running statistics)
 
 This module adds only PyTorch's bookkeeping: the autograd Function, dtypes (float32 or float64;
@@ -17,8 +18,9 @@ shift keeps float32 input with ``|mean| >> std`` at the accuracy the spec gets f
 sum can be taken over all replicas by an ``all_reduce_sum`` (``torch_ref.sync``); without one the
 layer is local. The backward rebuilds x_hat from the saved input and statistics; under
 ``create_graph=True`` it recomputes the statistics from x with differentiable ops, so second
-derivatives are exact (``gradgradcheck``). The forward-mode derivative (jvp) is the transpose:
-``dy = gamma / sigma * (dx - mean(dx) - x_hat * mean(x_hat * dx)) + dgamma * x_hat + dbeta``.
+derivatives are exact (``gradgradcheck``). The forward-mode derivative (jvp) is ``spec.batch_norm_tangent``.
+``batch_norm_train`` takes the channels at any ``channel_dim`` (Keras' torch backend trains channels_last
+with it), read in place.
 
 The moving statistics follow ``spec.update_running_stats`` in the layer's ``convention`` (default
 "torch": weight ``momentum`` on the new value, Bessel-corrected (unbiased) variance,
@@ -57,13 +59,16 @@ import spec
 import spec.arrays
 
 
-def _channel_shape(x: Tensor) -> list[int]:
-    """Shape that broadcasts a per-channel vector against NC... input (channels at dim 1)."""
-    return [1, -1] + [1] * (x.dim() - 2)
+def _channel_shape(x: Tensor, channel_dim: int = 1) -> list[int]:
+    """Shape that broadcasts a per-channel vector against x (channels at ``channel_dim``, 1 for NC...)."""
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    return shape
 
 
-def _reduction_dims(x: Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))
+def _reduction_dims(x: Tensor, channel_dim: int = 1) -> list[int]:
+    """Every dim but the channels': BN statistics are per channel (``channel_dim`` non-negative)."""
+    return [d for d in range(x.dim()) if d != channel_dim]
 
 
 #: The array namespace every spec call here gets (``xp=``).
@@ -74,8 +79,8 @@ def _spec_all_reduce_sum(all_reduce_sum: Any) -> Any:
     return spec.identity if all_reduce_sum is None else all_reduce_sum
 
 
-def _statistics(x: Tensor, all_reduce_sum: Any = None, return_centered: bool = False) -> Any:
-    """``spec.shifted_moments`` of NC... input over every dim but the channels (SPEC.md §2, §7, §8).
+def _statistics(x: Tensor, all_reduce_sum: Any = None, return_centered: bool = False, channel_dim: int = 1) -> Any:
+    """``spec.shifted_moments`` of x over every dim but the channels' (SPEC.md §2, §7, §8).
 
     Keepdims ``(count, mean, var, shift, delta)``: the shift is a first estimate of the mean and
     ``delta`` its correction, computed on the small residuals ``x - shift``, so float32 input with
@@ -85,7 +90,7 @@ def _statistics(x: Tensor, all_reduce_sum: Any = None, return_centered: bool = F
     """
     return spec.shifted_moments(
         x,
-        _reduction_dims(x),
+        _reduction_dims(x, channel_dim),
         all_reduce_sum=_spec_all_reduce_sum(all_reduce_sum),
         return_centered=return_centered,
         count_as_number=True,
@@ -93,8 +98,12 @@ def _statistics(x: Tensor, all_reduce_sum: Any = None, return_centered: bool = F
     )
 
 
-def _keepdims(parameter: Tensor | None, x: Tensor) -> Tensor | None:
-    return None if parameter is None else _as(parameter, x.dtype).view(_channel_shape(x))
+def _keepdims(parameter: Tensor | None, x: Tensor, channel_dim: int = 1) -> Tensor | None:
+    """A per-channel vector in x's dtype, shaped to broadcast against x (as it is where the channels are last)."""
+    if parameter is None:
+        return None
+    parameter = _as(parameter, x.dtype)
+    return parameter if channel_dim == x.dim() - 1 else parameter.view(_channel_shape(x, channel_dim))
 
 
 def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -102,80 +111,99 @@ def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _training_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, var, inv_sigma, count)``, statistics keepdims, y by spec's affine map (SPEC.md §2, §3).
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any, channel_dim: int
+) -> tuple[Tensor, ...]:
+    """``(y, mean, var, inv_sigma)``, plus ``count`` when synchronized; statistics keepdims, y by spec's affine map.
 
     ``spec.inference_affine`` applied to (delta, var) gives ``scale = gamma / sigma`` and
     ``offset = beta - delta * scale``, so ``y = (x - shift) * scale + offset = (x - mean) * scale + beta``
-    with the large shift subtracted before any rounding of the scaled values (SPEC.md §8). ``x - shift``
-    is the statistics' own temporary, reused for y (autograd does not record inside the Function).
+    with the large shift subtracted before any rounding of the scaled values (SPEC.md §2, §3, §8). ``x - shift``
+    is the statistics' own temporary, reused for y (autograd does not record inside the Function). A local
+    count is x's shape, known to every caller: no tensor is made for it.
     """
-    stats, centered = _statistics(x, all_reduce_sum, return_centered=True)
-    scale, offset = spec.inference_affine(
-        stats.delta, stats.var, _keepdims(weight, x), _keepdims(bias, x), eps=eps, xp=_TORCH
+    stats, centered = _statistics(x, all_reduce_sum, return_centered=True, channel_dim=channel_dim)
+    scale, offset, inv_sigma = spec.inference_affine(
+        stats.delta,
+        stats.var,
+        _keepdims(weight, x, channel_dim),
+        _keepdims(bias, x, channel_dim),
+        eps=eps,
+        xp=_TORCH,
+        return_inv_sigma=True,
     )
     y = spec.normalize(centered, scale, offset, xp=_TORCH, overwrite_centered=True)
-    count = stats.count if isinstance(stats.count, Tensor) else x.new_full([1] * x.dim(), stats.count)
-    return y, stats.mean, stats.var, torch.rsqrt(stats.var + eps), count
+    if all_reduce_sum is None:
+        return y, stats.mean, stats.var, inv_sigma
+    return y, stats.mean, stats.var, inv_sigma, stats.count
 
 
 class _BatchNormTrain(torch.autograd.Function):
     """Training-mode BN with spec's closed-form backward (``spec.backward_coefficient_form``), local or synchronized.
 
-    ``forward(x, weight, bias, eps, all_reduce_sum)`` returns ``(y, mean, var, inv_sigma, count)``
-    (statistics per channel, keepdims); only ``y`` is differentiable: the statistics' dependence
-    on x is already inside the closed-form dx. ``setup_context`` and ``generate_vmap_rule`` make it
-    usable under ``torch.func`` (grad, jacrev, vmap, jvp). With an ``all_reduce_sum`` every sum is
-    global, and second derivatives are refused (the backward's all-reduce is not differentiated).
+    ``forward(x, weight, bias, eps, all_reduce_sum, channel_dim)`` returns ``(y, mean, var, inv_sigma)``, and
+    the global ``count`` last when synchronized (statistics per channel, keepdims); only ``y`` is
+    differentiable: the statistics' dependence on x is already inside the closed-form dx. The channels
+    are at ``channel_dim`` (1 for torch's NC..., the last dim for Keras' channels_last), so no layout
+    is copied. ``setup_context`` and ``generate_vmap_rule`` make it usable under ``torch.func`` (grad,
+    jacrev, vmap, jvp). With an ``all_reduce_sum`` every sum is global, and second derivatives are
+    refused (the backward's all-reduce is not differentiated).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any = None):
-        return _training_forward(x, weight, bias, eps, all_reduce_sum)
+    def forward(
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any, channel_dim: int
+    ):
+        return _training_forward(x, weight, bias, eps, all_reduce_sum, channel_dim)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, eps, all_reduce_sum = inputs
-        _, mean, var, inv_sigma, count = output
-        ctx.eps, ctx.all_reduce_sum = eps, all_reduce_sum
+        x, weight, bias, eps, all_reduce_sum, channel_dim = inputs
+        mean, inv_sigma = output[1], output[3]
+        count = output[4] if all_reduce_sum is not None else None
+        ctx.eps, ctx.all_reduce_sum, ctx.channel_dim = eps, all_reduce_sum, channel_dim
         ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors for them
         ctx.bias_dtype = None if bias is None else bias.dtype
         # x (an input) rather than a normalized copy: saved inputs keep their graph, so the
         # backward below is itself differentiable and double backward is exact.
         ctx.save_for_backward(x, weight, mean, inv_sigma, count)
         ctx.save_for_forward(x, weight)
-        ctx.mark_non_differentiable(mean, var, inv_sigma, count)
+        ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
     def backward(ctx, dy: Tensor, *_statistics_grads: Tensor):
         if dy is None:  # y unused (grads are not materialized)
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         x, weight, mean, inv_sigma, count = ctx.saved_tensors
+        dims = _reduction_dims(x, ctx.channel_dim)
         if torch.is_grad_enabled():  # create_graph=True: the statistics as differentiable functions of x
             if ctx.all_reduce_sum is not None:
                 raise RuntimeError("second derivatives through a synchronized BN (all_reduce_sum) are not supported")
-            stats = _statistics(x)
-            mean, count, inv_sigma = stats.mean, stats.count, torch.rsqrt(stats.var + ctx.eps)
+            stats = _statistics(x, channel_dim=ctx.channel_dim)
+            mean, count = stats.mean, stats.count
+            _, _, inv_sigma = spec.inference_affine(
+                stats.mean, stats.var, eps=ctx.eps, xp=_TORCH, return_inv_sigma=True
+            )
         elif ctx.all_reduce_sum is None:  # local: the count is x's shape, a Python number (no tensor op)
-            count = _TORCH.values_per_channel(x, _reduction_dims(x))
-        scale = inv_sigma if weight is None else _keepdims(weight, x) * inv_sigma
+            count = _TORCH.values_per_channel(x, dims)
+        scale = inv_sigma if weight is None else _keepdims(weight, x, ctx.channel_dim) * inv_sigma
         dx, dgamma, dbeta = spec.backward_coefficient_form(
             dy,
             x - mean,
             inv_sigma,
             scale,
-            _reduction_dims(x),
+            dims,
             count=count,
             all_reduce_sum=_spec_all_reduce_sum(ctx.all_reduce_sum),
             xp=_TORCH,
             overwrite_centered=True,  # x - mean is ours; torch reuses it for dx unless autograd records
+            x=x,
+            mean=mean,
         )
-        dweight = dgamma.view(-1).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = dbeta.view(-1).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return dx if ctx.needs_input_grad[0] else None, dweight, dbias, None, None
+        dweight = _as(dgamma.view(-1), weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = _as(dbeta.view(-1), ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return dx if ctx.needs_input_grad[0] else None, dweight, dbias, None, None, None
 
 
 class _BatchNormTrainWithJvp(_BatchNormTrain):
@@ -183,27 +211,41 @@ class _BatchNormTrainWithJvp(_BatchNormTrain):
 
     Separate because TorchDynamo refuses a Function with a custom ``jvp`` (torch 2.13,
     "Unsupported custom jvp"): ``torch.compile`` gets ``_BatchNormTrain``, eager code this one.
-    The tangent is the transpose of the closed-form backward (module docstring).
+    The tangent is ``spec.batch_norm_tangent`` (the transpose of the closed-form backward).
     """
+
+    @classmethod
+    def apply(cls, *args):
+        # torch.autograd.Function.apply binds the arguments to forward's signature with inspect.signature on
+        # every call (torch 2.13 torch/autograd/function.py, bind_default_args), as long as a BN1d's whole
+        # forward; eager callers pass all six positionally, so outside torch.func transforms go straight to
+        # the C++ apply that Function.apply ends in (after the same unwrapping of dead torch.func wrappers).
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        args = torch._functorch.utils.unwrap_dead_wrappers(args)
+        return super(torch.autograd.Function, cls).apply(*args)
 
     @staticmethod
     def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, *_):
         x, weight = ctx.saved_tensors
-        stats = _statistics(x)
-        dims = _reduction_dims(x)
-        inv_sigma = torch.rsqrt(stats.var + ctx.eps)
+        channel_dim = ctx.channel_dim
+        dims = _reduction_dims(x, channel_dim)
+        stats = _statistics(x, channel_dim=channel_dim)
+        _, _, inv_sigma = spec.inference_affine(stats.mean, stats.var, eps=ctx.eps, xp=_TORCH, return_inv_sigma=True)
         x_hat = spec.normalize(x - stats.mean, inv_sigma)
-        dy = torch.zeros_like(x_hat)
-        if dx is not None:
-            dx_hat = inv_sigma * (
-                dx - dx.mean(dim=dims, keepdim=True) - x_hat * (x_hat * dx).mean(dim=dims, keepdim=True)
-            )
-            dy = dx_hat if weight is None else dx_hat * _keepdims(weight, x)
-        if dweight is not None:
-            dy = dy + x_hat * _keepdims(dweight, x)
-        if dbias is not None:
-            dy = dy + _keepdims(dbias, x)
-        return dy, None, None, None, None  # the statistics are non-differentiable outputs
+        dy = spec.batch_norm_tangent(
+            dx,
+            x_hat,
+            inv_sigma,
+            dims,
+            count=stats.count,
+            gamma=_keepdims(weight, x, channel_dim),
+            dgamma=_keepdims(dweight, x, channel_dim),
+            dbeta=_keepdims(dbias, x, channel_dim),
+            xp=_TORCH,
+        )
+        dy = torch.zeros_like(x_hat) if dy is None else dy
+        return dy, None, None, None  # the statistics are non-differentiable outputs
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -214,22 +256,32 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 # calls these back in Python (the module runs, but torch.jit.save cannot export it).
 @torch.jit.ignore
 def _train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, var, count)``: y in x's dtype, per-channel statistics in the compute dtype, count 0-d."""
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any, channel_dim: int = 1
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(y, mean, var, count)``: y in x's dtype, per-channel statistics in the compute dtype (shape [C]),
+    count a 0-d tensor when synchronized and None when local (x's shape says it)."""
     xc = _as(x, _compute_dtype(x))
     if torch.compiler.is_compiling() or all_reduce_sum is not None:
-        y, mean, var, _, count = _BatchNormTrain.apply(xc, weight, bias, eps, all_reduce_sum)
+        outputs = _BatchNormTrain.apply(xc, weight, bias, eps, all_reduce_sum, channel_dim)
     else:
-        y, mean, var, _, count = _BatchNormTrainWithJvp.apply(xc, weight, bias, eps, None)
-    return _as(y, x.dtype), mean.view(-1), var.view(-1), count.view(-1)[0]
+        outputs = _BatchNormTrainWithJvp.apply(xc, weight, bias, eps, None, channel_dim)
+    count = None if all_reduce_sum is None else outputs[4].view(-1)[0]
+    return _as(outputs[0], x.dtype), outputs[1].view(-1), outputs[2].view(-1), count
 
 
 def batch_norm_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, channel_dim: int = 1
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Training-mode forward on NC... input: ``(y, batch_mean, biased_batch_var)``, differentiable in y."""
-    y, mean, var, _ = _train(x, weight, bias, float(eps), None)
+    """Training-mode forward: ``(y, batch_mean, biased_batch_var)``, differentiable in y (and weight, bias).
+
+    The channels are at ``channel_dim`` (1: torch's N, C, ...; -1: channels_last, as Keras lays out
+    its tensors), read in place whatever the layout. The statistics have shape [C], in x's dtype
+    (float32 for float16/bfloat16 input). The function both the ``BatchNorm*d`` modules and
+    ``keras_bn``'s torch backend train with; the moving statistics are the caller's.
+    """
+    if not -x.dim() <= channel_dim < x.dim():
+        raise ValueError(f"channel_dim {channel_dim} is out of range for {x.dim()}D input {list(x.shape)}")
+    y, mean, var, _ = _train(x, weight, bias, float(eps), None, channel_dim % x.dim())
     return y, mean, var
 
 
@@ -267,18 +319,15 @@ def update_running_stats_(
     """
     conv = spec.get_convention(convention)
     converted = None if momentum is None else spec.convert_momentum(momentum, "torch", convention)
-    with torch.no_grad():
+    with torch.no_grad():  # the batch statistics are non-differentiable outputs: nothing to detach
         batches_before = None
         if spec.needs_counter(conv, converted):
             assert num_batches_tracked is not None, f"convention {convention!r} needs num_batches_tracked"
             batches_before = num_batches_tracked.to(torch.float64) - 1.0  # the caller counted this batch
         weight = spec.new_value_weight(conv, converted, batches_before, xp=_TORCH)
-        var_in = spec.variance_for_update(conv, batch_var.detach().to(torch.float64), float(count), xp=_TORCH)
-        old = torch.stack([running_mean, running_var]).to(torch.float64)
-        new = torch.stack([batch_mean.detach().to(torch.float64), var_in])
-        blended = spec.moving_average(old, new, weight)
-        running_mean.copy_(blended[0])
-        running_var.copy_(blended[1])
+        var_in = spec.variance_for_update(conv, batch_var.to(torch.float64), float(count), xp=_TORCH)
+        running_mean.copy_(spec.moving_average(running_mean.to(torch.float64), batch_mean.to(torch.float64), weight))
+        running_var.copy_(spec.moving_average(running_var.to(torch.float64), var_in, weight))
 
 
 def _check_dtypes(x: Tensor, name: str, tensors: list[Tensor | None], labels: list[str]) -> None:
@@ -353,8 +402,10 @@ def batch_norm_module_forward(
         # torch.nn.functional._verify_batch_size's message; 0 values is legal (SPEC.md §9)
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
     _check_eps(eps, training)
-    y, mean, var, count_tensor = _train(x, weight, bias, eps, all_reduce_sum)
-    count = x.numel() // num_features if all_reduce_sum is None else int(count_tensor.item())
+    y, mean, var, count_tensor = _train(x, weight, bias, eps, all_reduce_sum, 1)
+    count = x.numel() // num_features
+    if count_tensor is not None:  # synchronized: the values of every rank
+        count = int(count_tensor.item())
     if training and all_reduce_sum is not None and count == 1:
         raise ValueError(f"Expected more than 1 value per channel over all ranks when training, got {count}")
     if update:

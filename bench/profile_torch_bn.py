@@ -1,0 +1,112 @@
+"""Where a PyTorch BN training step spends its time: torch_ref vs torch.nn.BatchNorm*d under torch.profiler.
+
+Load-independent where the timing tables are not: the number of ATen ops per step (each a dispatch of a few
+microseconds on a CPU, whatever else runs), the number of x-sized allocations, and each op's self-CPU time
+(which does depend on load). Two workloads, as bench/bench_modes.py times them:
+
+- **lenet**: one LeNet-BN training step, batch 64 (forward, cross-entropy, backward, SGD with momentum);
+- **layer**: one BN step alone on a 64x64x56x56 float32 NCHW batch (forward with the running-statistics
+  update, backward from a fixed cotangent to x, weight and bias).
+
+    python bench/profile_torch_bn.py                       # both workloads, top 12 ops each
+    python bench/profile_torch_bn.py --workloads lenet --top 30 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import torch_ref
+from export.machine import describe_machine
+from torch_ref.model import lenet_bn
+
+WORKLOADS = ("lenet", "layer")
+
+
+def lenet_step(batch_norm: str, batch: int = 64):
+    """One LeNet-BN training step with ``batch_norm`` ("ours" or "torch"), on fixed random images."""
+    model = lenet_bn(batch_norm, seed=0).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.random((batch, 1, 28, 28), dtype=np.float32))
+    labels = torch.from_numpy(rng.integers(0, 10, batch))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(images), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def layer_step(module: type, shape: tuple[int, ...] = (64, 64, 56, 56)):
+    """One BN training step of ``module`` (a BatchNorm2d class) alone, Keras' defaults (eps 1e-3, momentum 0.01)."""
+    bn = module(shape[1], eps=1e-3, momentum=0.01).train()
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy((0.5 + rng.standard_normal(shape)).astype(np.float32)).requires_grad_(True)
+    dy = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+
+    def step() -> None:
+        torch.autograd.grad(bn(x), [x, bn.weight, bn.bias], grad_outputs=dy)
+
+    return step
+
+
+def profile_step(step, steps: int, numel: int) -> dict:
+    """ATen ops per step, x-sized allocations per step (outputs of ``numel`` elements) and per-op self-CPU (ms)."""
+    for _ in range(3):  # warm-up: allocator, lazy initialization
+        step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(steps):
+            step()
+    per_op = {}
+    for event in prof.key_averages():
+        per_op[event.key] = (event.count / steps, event.self_cpu_time_total / steps / 1e3)
+    aten = sum(count for name, (count, _) in per_op.items() if name.startswith("aten::"))
+    # an allocation is charged to the op that made it (self memory): x-sized float32 buffers, y and dx included
+    allocations = sum(1 for event in prof.events() if event.self_cpu_memory_usage >= 4 * numel)
+    total = sum(ms for _, ms in per_op.values())
+    return {"aten_ops": aten, "x_sized_allocations": allocations / steps, "self_cpu_ms": total, "per_op": per_op}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
+    parser.add_argument("--steps", type=int, default=10, help="profiled steps (lenet; the layer runs 2)")
+    parser.add_argument("--top", type=int, default=12, help="ops listed per variant, by self-CPU")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    workloads = [w for w in args.workloads.split(",") if w]
+    if not workloads or set(workloads) - set(WORKLOADS) or args.steps < 1 or args.top < 0 or args.threads < 1:
+        parser.error(f"--workloads takes a comma list of {', '.join(WORKLOADS)}; --steps, --threads positive")
+    torch.set_num_threads(args.threads)
+    print(f"machine: {describe_machine()}; torch {torch.__version__}, {args.threads} intra-op thread(s)")
+    for workload in workloads:
+        if workload == "lenet":
+            variants = {"torch.nn": lenet_step("torch"), "torch_ref": lenet_step("ours")}
+            steps, numel = args.steps, 64 * 6 * 24 * 24  # conv1's BN input, the largest LeNet activation
+        else:
+            variants = {"torch.nn": layer_step(torch.nn.BatchNorm2d), "torch_ref": layer_step(torch_ref.BatchNorm2d)}
+            steps, numel = 2, 64 * 64 * 56 * 56
+        print(f"\n{workload}: per step, mean of {steps} profiled steps")
+        for name, step in variants.items():
+            result = profile_step(step, steps, numel)
+            ops, allocations = result["aten_ops"], result["x_sized_allocations"]
+            print(
+                f"  {name:10s} ATen ops {ops:6.0f}   x-sized allocations {allocations:4.1f}"
+                f"   self-CPU {result['self_cpu_ms']:8.2f} ms (load-dependent)"
+            )
+            ranked = sorted(result["per_op"].items(), key=lambda item: -item[1][1])[: args.top]
+            for op, (count, ms) in ranked:
+                print(f"      {op[:52]:52s} {count:6.1f} x {ms:9.3f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
