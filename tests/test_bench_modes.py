@@ -39,6 +39,11 @@ def test_bench_modes_assembles_every_tensorflow_row_and_its_goals_from_a_capped_
     # and the two hidden Dense layers (keras_bn/model.py's architecture, derived by hand)
     assert result["lenet_bn_shapes"] == [[4, 24, 24, 6], [4, 8, 8, 16], [4, 120], [4, 84]]
     assert result["lenet_bn_bytes_moved"] == 8 * 4 * 4 * (24 * 24 * 6 + 8 * 8 * 16 + 120 + 84)
+    # BN's estimated share of each LeNet step: its four layers alone over the whole step, same mode and variant
+    medians = {(r["workload"], r["mode"], r["variant"]): r["median_ms"] for r in result["rows"]}
+    for r in (r for r in result["rows"] if r["workload"] == "lenet"):
+        alone = medians["lenet-bn", r["mode"], r["variant"]]
+        assert r["bn_alone_share"] == pytest.approx(alone / r["median_ms"], rel=1e-12)
     # Without the torch child only the ours-vs-Keras goals exist; each is the median of its per-round ratios.
     assert [g["claim"] for g in result["goals"]] == [
         f"ours / Keras' layer, {mode}" for _ in workloads for mode in ("tf.function", "tf xla")
