@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-__all__ = ["tf_batch_norm_step"]
+__all__ = ["tf_batch_norm_step", "tf_batch_norm_steps"]
 
 
 def tf_batch_norm_step(layer, x, dy, *, jit: bool) -> Callable[[], tuple]:
@@ -14,20 +14,32 @@ def tf_batch_norm_step(layer, x, dy, *, jit: bool) -> Callable[[], tuple]:
     The returned callable gives ``(y, dx, dgamma, dbeta)`` after synchronizing on ``dgamma`` (a small output),
     so a timer sees the whole step. ``y`` is an output too, so no compiler drops the forward's last pass.
     """
+    step = tf_batch_norm_steps([layer], [x], [dy], jit=jit)
+    return lambda: step()[0]
+
+
+def tf_batch_norm_steps(layers: Sequence, xs: Sequence, dys: Sequence, *, jit: bool) -> Callable[[], list[tuple]]:
+    """:func:`tf_batch_norm_step` for several independent layers in one ``tf.function`` call (e.g. a model's BN
+    layers at their own shapes): one ``(y, dx, dgamma, dbeta)`` per layer, all synchronized before it returns."""
     import tensorflow as tf
 
-    layer.build(x.shape)
+    for layer, x in zip(layers, xs, strict=True):
+        layer.build(x.shape)
 
     @tf.function(jit_compile=jit)
-    def step(x, dy):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-        return y, *tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)
+    def step(xs, dys):
+        outputs = []
+        for layer, x, dy in zip(layers, xs, dys, strict=True):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+            outputs.append((y, *tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)))
+        return outputs
 
-    def run() -> tuple:
-        out = step(x, dy)
-        out[2].numpy()
-        return out
+    def run() -> list[tuple]:
+        outputs = step(list(xs), list(dys))
+        for out in outputs:
+            out[2].numpy()
+        return outputs
 
     return run

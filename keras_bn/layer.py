@@ -53,7 +53,9 @@ CUMULATIVE = "cumulative"  # torch's momentum=None; here None means "the convent
 
 #: Inputs with at least this many values refine their mean only where needed (SPEC.md §8.5, a traced conditional);
 #: smaller ones unconditionally: there the skipped reduction costs less than the conditional's own kernels and ops
-#: (under XLA a 64x120 step compiles to 19 top-level kernels with it, 16 without; bench/xla_cost.py).
+#: (under XLA a 64x120 step compiles to 19 top-level kernels with it, 16 without; bench/xla_cost.py). Timed too
+#: (bench/bench_refinement_threshold.py, tf.function, XLA and JAX at LeNet's shapes and 32x8x8x16): on a 2-core
+#: Xeon every decided winner is the side this threshold picks; the rest are ties.
 CONDITIONAL_REFINEMENT_VALUES = 2**16
 _UNKNOWN_BATCH = 32  # an unknown batch size counts as this many rows (keras_bn.tuning.UNKNOWN_BATCH)
 

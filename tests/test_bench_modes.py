@@ -31,12 +31,22 @@ def test_bench_modes_assembles_every_tensorflow_row_and_its_goals_from_a_capped_
     assert result["machine_as_run"] in done.stdout
     assert result["settings"]["smoke"] is True and "SMOKE RUN" in done.stdout  # 2 rounds are not a result
     modes = {(r["workload"], r["mode"], r["variant"]) for r in result["rows"]}
-    expected = {(w, m, v) for w in ("layer", "lenet") for m in ("tf.function", "tf xla") for v in ("keras", "ours")}
+    workloads = ("layer", "lenet-bn", "lenet")
+    expected = {(w, m, v) for w in workloads for m in ("tf.function", "tf xla") for v in ("keras", "ours")}
     assert modes == expected
     assert result["layer_bytes_moved"] == 8 * 2 * 3 * 3 * 4 * 4  # 8 passes over the float32 batch (docstring)
+    # LeNet-BN's BN layers at batch 4: after conv1 (28-5+1=24, 6 maps), conv2 after pooling ((12-5+1)=8, 16 maps)
+    # and the two hidden Dense layers (keras_bn/model.py's architecture, derived by hand)
+    assert result["lenet_bn_shapes"] == [[4, 24, 24, 6], [4, 8, 8, 16], [4, 120], [4, 84]]
+    assert result["lenet_bn_bytes_moved"] == 8 * 4 * 4 * (24 * 24 * 6 + 8 * 8 * 16 + 120 + 84)
+    # BN's estimated share of each LeNet step: its four layers alone over the whole step, same mode and variant
+    medians = {(r["workload"], r["mode"], r["variant"]): r["median_ms"] for r in result["rows"]}
+    for r in (r for r in result["rows"] if r["workload"] == "lenet"):
+        alone = medians["lenet-bn", r["mode"], r["variant"]]
+        assert r["bn_alone_share"] == pytest.approx(alone / r["median_ms"], rel=1e-12)
     # Without the torch child only the ours-vs-Keras goals exist; each is the median of its per-round ratios.
     assert [g["claim"] for g in result["goals"]] == [
-        f"ours / Keras' layer, {mode}" for _ in ("layer", "lenet") for mode in ("tf.function", "tf xla")
+        f"ours / Keras' layer, {mode}" for _ in workloads for mode in ("tf.function", "tf xla")
     ]
     for goal in result["goals"]:
         seconds = result["seconds"][goal["workload"]]
@@ -54,4 +64,4 @@ def test_bench_modes_refuses_unknown_workloads_naming_the_flag(workloads):
     command = [sys.executable, str(ROOT / "bench" / "bench_modes.py"), "--workloads", workloads]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 2
-    assert "--workloads takes a comma list of layer, lenet" in done.stderr
+    assert "--workloads takes a comma list of layer, lenet-bn, lenet" in done.stderr
