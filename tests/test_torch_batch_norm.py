@@ -105,6 +105,44 @@ def test_training_steps_match_torch_nn(shape_id: str, config_id: str, dtype: tor
     assert y_ours.dtype == dtype
 
 
+# momentum reassigned between training steps, as a schedule would (torch.nn reads self.momentum every forward)
+MOMENTUM_SCHEDULES = {
+    "fixed-to-fixed": [0.1, 0.1, 0.5, 0.5, 0.02],
+    "fixed-to-cumulative": [0.1, 0.1, None, None, 0.3],
+}
+
+
+@pytest.mark.parametrize(
+    ("schedule_id", "dtype"),
+    [
+        case(schedule_id, dtype, peer="torch.nn.BatchNorm2d", layout="NCHW", dtype=str(dtype)[6:], detail=schedule_id)
+        for schedule_id in MOMENTUM_SCHEDULES
+        for dtype in (torch.float32, torch.float64)
+    ],
+)
+def test_momentum_reassigned_between_steps_takes_effect_as_in_torch_nn(schedule_id: str, dtype: torch.dtype) -> None:
+    """The update rule is cached by (momentum, convention): a new momentum must still apply from the next step."""
+    ours, peer, shape = _pair("2d-NCHW", "momentum0.1", dtype)
+    gen = torch.Generator().manual_seed(3)
+    for step, momentum in enumerate(MOMENTUM_SCHEDULES[schedule_id]):
+        ours.momentum = peer.momentum = momentum
+        x = torch.randn(shape, generator=gen, dtype=dtype) * 2 + 1
+        ours(x), peer(x)
+        # the statistics' own rounding only (SUMMATION-ORDER tolerance, see the module docstring)
+        close(ours.running_mean, peer.running_mean, TOL[dtype], scale="magnitude", what=f"step {step} running_mean")
+        close(ours.running_var, peer.running_var, TOL[dtype], scale="magnitude", what=f"step {step} running_var")
+
+
+def test_momentum_reassigned_out_of_range_raises_on_every_step() -> None:
+    """A momentum outside [0, 1] set after construction is refused by spec's check each step (never cached)."""
+    bn = torch_ref.BatchNorm1d(3).train()
+    bn.momentum = 1.5
+    x = torch.randn(8, 3)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="momentum"):
+            bn(x)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "momentumNone"])
 def test_forward_backward_and_running_stats_match_spec(momentum: float | None, rng: np.random.Generator) -> None:
     """float64, 2-D: y, dx, dgamma, dbeta vs spec.batch_norm_train/backward; stats vs spec.update_running_stats."""

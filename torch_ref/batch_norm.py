@@ -47,6 +47,7 @@ call with the train/eval mode of tracing baked in (torch.nn's BN is an fx leaf m
 traced like user code).
 """
 
+import functools
 import math
 import numbers
 from typing import Any
@@ -113,7 +114,9 @@ def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 def _training_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any, channel_dim: int
 ) -> tuple[Tensor, ...]:
-    """``(y, mean, var, inv_sigma)``, plus ``count`` when synchronized; statistics keepdims, y by spec's affine map.
+    """``(y, mean, var, inv_sigma, scale)``, plus ``count`` when synchronized; statistics keepdims, y by spec's
+    affine map. ``scale = gamma * inv_sigma`` (``inv_sigma`` itself without gamma) goes to the backward, which
+    needs the same factor: computing it there again would be one more view and product per step.
 
     ``spec.inference_affine`` applied to (delta, var) gives ``scale = gamma / sigma`` and
     ``offset = beta - delta * scale``, so ``y = (x - shift) * scale + offset = (x - mean) * scale + beta``
@@ -133,15 +136,15 @@ def _training_forward(
     )
     y = spec.normalize(centered, scale, offset, xp=_TORCH, overwrite_centered=True)
     if all_reduce_sum is None:
-        return y, stats.mean, stats.var, inv_sigma
-    return y, stats.mean, stats.var, inv_sigma, stats.count
+        return y, stats.mean, stats.var, inv_sigma, scale
+    return y, stats.mean, stats.var, inv_sigma, scale, stats.count
 
 
 class _BatchNormTrain(torch.autograd.Function):
     """Training-mode BN with spec's closed-form backward (``spec.backward_coefficient_form``), local or synchronized.
 
-    ``forward(x, weight, bias, eps, all_reduce_sum, channel_dim)`` returns ``(y, mean, var, inv_sigma)``, and
-    the global ``count`` last when synchronized (statistics per channel, keepdims); only ``y`` is
+    ``forward(x, weight, bias, eps, all_reduce_sum, channel_dim)`` returns ``(y, mean, var, inv_sigma, scale)``,
+    and the global ``count`` last when synchronized (statistics per channel, keepdims); only ``y`` is
     differentiable: the statistics' dependence on x is already inside the closed-form dx. The channels
     are at ``channel_dim`` (1 for torch's NC..., the last dim for Keras' channels_last), so no layout
     is copied. ``setup_context`` and ``generate_vmap_rule`` make it usable under ``torch.func`` (grad,
@@ -160,14 +163,14 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, eps, all_reduce_sum, channel_dim = inputs
-        mean, inv_sigma = output[1], output[3]
-        count = output[4] if all_reduce_sum is not None else None
+        mean, inv_sigma, scale = output[1], output[3], output[4]
+        count = output[5] if all_reduce_sum is not None else None
         ctx.eps, ctx.all_reduce_sum, ctx.channel_dim = eps, all_reduce_sum, channel_dim
         ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors for them
         ctx.bias_dtype = None if bias is None else bias.dtype
         # x (an input) rather than a normalized copy: saved inputs keep their graph, so the
         # backward below is itself differentiable and double backward is exact.
-        ctx.save_for_backward(x, weight, mean, inv_sigma, count)
+        ctx.save_for_backward(x, weight, mean, inv_sigma, scale, count)
         ctx.save_for_forward(x, weight)
         ctx.mark_non_differentiable(*output[1:])
 
@@ -175,7 +178,7 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx, dy: Tensor, *_statistics_grads: Tensor):
         if dy is None:  # y unused (grads are not materialized)
             return None, None, None, None, None, None
-        x, weight, mean, inv_sigma, count = ctx.saved_tensors
+        x, weight, mean, inv_sigma, scale, count = ctx.saved_tensors
         dims = _reduction_dims(x, ctx.channel_dim)
         if torch.is_grad_enabled():  # create_graph=True: the statistics as differentiable functions of x
             if ctx.all_reduce_sum is not None:
@@ -185,9 +188,10 @@ class _BatchNormTrain(torch.autograd.Function):
             _, _, inv_sigma = spec.inference_affine(
                 stats.mean, stats.var, eps=ctx.eps, xp=_TORCH, return_inv_sigma=True
             )
+            # differentiable in weight too (the saved scale is a non-differentiable output)
+            scale = inv_sigma if weight is None else _keepdims(weight, x, ctx.channel_dim) * inv_sigma
         elif ctx.all_reduce_sum is None:  # local: the count is x's shape, a Python number (no tensor op)
             count = _TORCH.values_per_channel(x, dims)
-        scale = inv_sigma if weight is None else _keepdims(weight, x, ctx.channel_dim) * inv_sigma
         dx, dgamma, dbeta = spec.backward_coefficient_form(
             dy,
             x - mean,
@@ -245,7 +249,7 @@ class _BatchNormTrainWithJvp(_BatchNormTrain):
             xp=_TORCH,
         )
         dy = torch.zeros_like(x_hat) if dy is None else dy
-        return dy, None, None, None  # the statistics are non-differentiable outputs
+        return dy, None, None, None, None  # the statistics (and scale) are non-differentiable outputs
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -265,7 +269,7 @@ def _train(
         outputs = _BatchNormTrain.apply(xc, weight, bias, eps, all_reduce_sum, channel_dim)
     else:
         outputs = _BatchNormTrainWithJvp.apply(xc, weight, bias, eps, None, channel_dim)
-    count = None if all_reduce_sum is None else outputs[4].view(-1)[0]
+    count = None if all_reduce_sum is None else outputs[5].view(-1)[0]
     return _as(outputs[0], x.dtype), outputs[1].view(-1), outputs[2].view(-1), count
 
 
@@ -317,17 +321,28 @@ def update_running_stats_(
     every convention (converted by ``spec.convert_momentum``). The caller has already incremented
     ``num_batches_tracked`` (as torch.nn does, even for an empty batch); ``count`` must be > 1.
     """
-    conv = spec.get_convention(convention)
-    converted = None if momentum is None else spec.convert_momentum(momentum, "torch", convention)
+    conv, converted, counter = _update_rule(momentum, convention)
     with torch.no_grad():  # the batch statistics are non-differentiable outputs: nothing to detach
+        var_in = spec.variance_for_update(conv, batch_var.to(torch.float64), float(count), xp=_TORCH)
         batches_before = None
-        if spec.needs_counter(conv, converted):
+        if counter:
             assert num_batches_tracked is not None, f"convention {convention!r} needs num_batches_tracked"
             batches_before = num_batches_tracked.to(torch.float64) - 1.0  # the caller counted this batch
         weight = spec.new_value_weight(conv, converted, batches_before, xp=_TORCH)
-        var_in = spec.variance_for_update(conv, batch_var.to(torch.float64), float(count), xp=_TORCH)
         running_mean.copy_(spec.moving_average(running_mean.to(torch.float64), batch_mean.to(torch.float64), weight))
         running_var.copy_(spec.moving_average(running_var.to(torch.float64), var_in, weight))
+
+
+@functools.lru_cache(maxsize=64)
+def _update_rule(momentum: float | None, convention: str) -> tuple[spec.Convention, float | None, bool]:
+    """``(convention record, momentum in that convention, whether the weight needs the batch counter)``.
+
+    Cached: they depend only on the module's configuration, and converting and checking them is Python work on
+    every step. Invalid values raise every time (``lru_cache`` does not cache exceptions).
+    """
+    conv = spec.get_convention(convention)
+    converted = None if momentum is None else spec.convert_momentum(momentum, "torch", convention)
+    return conv, converted, spec.needs_counter(conv, converted)
 
 
 def _check_dtypes(x: Tensor, name: str, tensors: list[Tensor | None], labels: list[str]) -> None:
