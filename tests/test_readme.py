@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import statistics
 import subprocess
@@ -197,3 +198,25 @@ def test_fused_rule_table_follows_from_the_recorded_timings_and_the_current_rule
             counts[0] += winner == row[2]
     for isa, (agree, decided, ties) in agreement.items():
         assert f"- {isa}: the rule agrees on {agree} of {decided} shapes with a measured winner ({ties} ties" in block
+
+
+@pytest.mark.parametrize(
+    ("report", "claim", "quoted"),
+    [
+        ("bench-modes-avx2.json", "ours / Keras' layer, tf.function", "0.922, interval 0.859..1.001"),
+        ("bench-modes-avx2.json", "TF ours (tf.function) / torch.nn.BatchNorm2d", "2.06x `torch.nn`"),
+        ("bench-modes-avx2-measure.json", "ours / Keras' layer, tf.function", "0.670 (0.634..0.751)"),
+        ("bench-modes-avx2-measure.json", "TF ours (tf.function) / torch.nn.BatchNorm2d", "1.05 (0.999..1.339)"),
+    ],
+    ids=["avx2-rule-vs-keras", "avx2-rule-vs-aten", "avx2-measure-vs-keras", "avx2-measure-vs-aten"],
+)
+def test_avx2_figures_quoted_in_prose_are_the_committed_runs(report, claim, quoted):
+    """The fused-rule paragraph quotes two --isa avx2 runs by number: each figure must be its JSON's, rounded."""
+    bench = json.loads((ROOT / "docs" / "results" / report).read_text())
+    assert bench["isa"]["isa"] == "avx2"
+    (goal,) = [g for g in bench["goals"] if g["claim"] == claim and g["workload"] == "layer"]
+    numbers = [float(n) for n in re.findall(r"\d+\.\d+", quoted)]
+    assert numbers[0] == pytest.approx(goal["ratio"], abs=0.006)
+    if len(numbers) == 3:
+        assert numbers[1:] == pytest.approx(goal["interval"], abs=0.0006)
+    assert quoted in " ".join((ROOT / "README.md").read_text().split())
