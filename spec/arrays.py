@@ -58,10 +58,8 @@ class Namespace:
         torch = self.xp
         if not all(isinstance(t, torch.Tensor) for t in (x, a, b)):
             return x * a + b
-        if overwrite is not None and not torch.is_grad_enabled():
-            target = x if overwrite == "x" else b
-            if _holds_result(target, (x, a, b)) and not _functorch_wrapped(torch, (x, a, b)):
-                return x.mul_(a).add_(b) if overwrite == "x" else b.addcmul_(x, a)
+        if overwrite is not None and self._may_overwrite(x if overwrite == "x" else b, (x, a, b)):
+            return x.mul_(a).add_(b) if overwrite == "x" else b.addcmul_(x, a)
         return torch.addcmul(b, x, a)
 
     def multiply(self, x, y, *, overwrite: bool = False):
