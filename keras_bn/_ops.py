@@ -19,6 +19,10 @@ from keras import ops
 import spec
 from spec.conventions import Convention
 
+#: An unknown batch size (None while tracing ``fit``) counts as this many rows wherever a choice depends on the
+#: input's size: ``keras_bn.tuning``'s timings and the layer's conditional-refinement threshold.
+UNKNOWN_BATCH = 32
+
 
 def per_channel(value):
     """A keepdims statistic as the (C,) vector the layer's weights hold."""

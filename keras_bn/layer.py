@@ -57,7 +57,6 @@ CUMULATIVE = "cumulative"  # torch's momentum=None; here None means "the convent
 #: (bench/bench_refinement_threshold.py, tf.function, XLA and JAX at LeNet's shapes and 32x8x8x16): on a 2-core
 #: Xeon every decided winner is the side this threshold picks; the rest are ties.
 CONDITIONAL_REFINEMENT_VALUES = 2**16
-_UNKNOWN_BATCH = 32  # an unknown batch size counts as this many rows (keras_bn.tuning.UNKNOWN_BATCH)
 
 
 def _refine_conditionally(x) -> bool:
@@ -65,7 +64,7 @@ def _refine_conditionally(x) -> bool:
     (``tf.cond`` / ``lax.cond``; on torch a data-dependent branch costs a host sync) for large enough inputs."""
     if keras.backend.backend() not in ("tensorflow", "jax"):
         return False
-    values = math.prod(_UNKNOWN_BATCH if d is None else d for d in x.shape)
+    values = math.prod(_ops.UNKNOWN_BATCH if d is None else d for d in x.shape)
     return values >= CONDITIONAL_REFINEMENT_VALUES
 
 

@@ -38,7 +38,7 @@ from keras_bn import _fused, _ops
 MODE_VARIABLE = "KERAS_BN_FUSED"
 CACHE_VARIABLE = "KERAS_BN_FUSED_CACHE"
 MODES = ("measure", "rule", "always", "never")
-UNKNOWN_BATCH = 32
+UNKNOWN_BATCH = _ops.UNKNOWN_BATCH
 _KERNEL_SETTINGS = ("ONEDNN_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS")  # part of a CPU decision's key when set
 _EPSILON = 1e-3  # any eps: it does not change the time
 
