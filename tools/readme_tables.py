@@ -14,6 +14,7 @@ and run this script. Every block names the machine (CPU model and vector extensi
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import sys
@@ -277,14 +278,18 @@ def recipe_plot_path(recipe: str) -> str:
     return f"docs/recipes-{recipe}.png"
 
 
-def load_recipe_tables():
-    """bench/recipe_tables.py: bench_recipes.py prints the same table, so both come from one function."""
+def load_bench_module(name: str):
+    """A module of bench/ (not a package): the README renders with the very functions the benchmarks print with."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import recipe_tables
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return recipe_tables
+
+
+def load_recipe_tables():
+    """bench/recipe_tables.py: bench_recipes.py prints the same table, so both come from one function."""
+    return load_bench_module("recipe_tables")
 
 
 def _without_json(argv: list[str]) -> str:
@@ -328,29 +333,6 @@ def render_recipe_seeds(reports: Mapping[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def load_timing():
-    """bench/_timing.py: a verdict's interval is computed there, for bench_modes and for files that predate it."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import _timing
-    finally:
-        sys.path.pop(0)
-    return _timing
-
-
-def goal_interval(bench: Mapping[str, Any], goal: Mapping[str, Any]) -> tuple[float, float, str]:
-    """``(low, high, verdict)`` of a bench_modes goal: as recorded, or (files written before verdicts carried an
-    interval) derived from its recorded per-round seconds by the same ``_timing`` functions bench_modes uses."""
-    timing = load_timing()
-    if "interval" in goal:
-        low, high = goal["interval"]
-        return low, high, goal["verdict"]
-    seconds = bench["seconds"][goal["workload"]]
-    paired = goal["ratio_kind"] == "median of per-round ratios"
-    low, high, _ = timing.ratio_interval(seconds[goal["numerator"]], seconds[goal["denominator"]], paired)
-    return low, high, timing.verdict(low, high, goal["goal"])
-
-
 def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
     bench = reports["bench-modes"]
     settings, bandwidth, load = bench["settings"], bench["bandwidth"], bench["load_average"]
@@ -358,12 +340,12 @@ def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
     floor_ms = 1e3 * bench["layer_bytes_moved"] / (1e9 * bandwidth["gb_per_s"])
     lines = [
         f"`{BENCH_OUTPUTS['bench-modes']}` (ran as `{_without_json(bench['command'].split())}`), "
-        f"{bench['date_utc']} UTC, on {bench.get('machine_as_run') or _machine(bench)}; "
+        f"{bench['date_utc']} UTC, on {bench['machine_as_run']}; "
         f"1-minute load average {load['start']:.1f} at start, {load['end']:.1f} at end. "
         "**These figures hold for this CPU under this load only; they are not general.**"
         + (" SMOKE RUN (fewer than 7 rounds): not a result." if settings["smoke"] else ""),
         "",
-        f"{settings['repeats']} interleaved rounds (LeNet: {settings.get('lenet_repeats', settings['repeats'])}) "
+        f"{settings['repeats']} interleaved rounds (LeNet: {settings['lenet_repeats']}) "
         f"per process after {settings['warmup']} warm-up; threads: "
         + "; ".join(f"{k} {v}" for k, v in bench["threads"].items())
         + "; versions: "
@@ -376,13 +358,11 @@ def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
         "",
     ]
     rows = {(r["workload"], r["mode"], r["variant"]): r for r in bench["rows"]}
-    # LeNet-BN's 4 BN layers alone (the lenet-bn workload): a column only in files that have it
-    lenet_bn = any(workload == "lenet-bn" for workload, _, _ in rows)
     lines += [
         "| mode | variant | layer step, median ms (IQR) | GB/s (% of copy) | "
-        + ("LeNet-BN's 4 BN layers alone, ms/call (IQR) | " if lenet_bn else "")
-        + f"LeNet-BN batch {settings['batch']}, ms/step (IQR) | samples/s |",
-        "|---|---|---:|---:|" + ("---:|" if lenet_bn else "") + "---:|---:|",
+        f"LeNet-BN's 4 BN layers alone, ms/call (IQR) | LeNet-BN batch {settings['batch']}, ms/step (IQR) | "
+        "samples/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for mode, variant in dict.fromkeys((r["mode"], r["variant"]) for r in bench["rows"]):
         cells = [mode, variant]
@@ -395,9 +375,8 @@ def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
             if layer
             else ["", ""]
         )
-        if lenet_bn:
-            small = rows.get(("lenet-bn", mode, variant))
-            cells.append(f"{small['median_ms']:.2f} ({small['iqr_ms']:.2f})" if small else "")
+        small = rows.get(("lenet-bn", mode, variant))  # absent where bench_modes ran with --workloads
+        cells.append(f"{small['median_ms']:.2f} ({small['iqr_ms']:.2f})" if small else "")
         cells += (
             [f"{lenet['median_ms']:.2f} ({lenet['iqr_ms']:.2f})", f"{lenet['samples_per_s']:.0f}"]
             if lenet
@@ -415,7 +394,7 @@ def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
     ]
     for g in bench["goals"]:
         limit = "" if g["goal"] is None else f"≤ {g['goal']:.2f}"
-        low, high, verdict = goal_interval(bench, g)
+        (low, high), verdict = g["interval"], g["verdict"]
         lines.append(
             f"| {g['claim']} ({g['ratio_kind']}) | {g['workload']} | {g['ratio']:.3f} | {low:.3f}..{high:.3f} | "
             f"{limit} | {verdict} |"
