@@ -214,11 +214,15 @@ def _centered_reference(x, mask, eps):
     return (xd - mean).astype(np.float32), (1.0 / np.sqrt(var + eps)).astype(np.float32)
 
 
-@pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite-centered"])
+@pytest.mark.parametrize("form", ["fresh", "overwrite-centered", "centered-offset"])
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("name", NAMESPACES)
-def test_backward_coefficient_form_matches_autograd(name, masked, overwrite, batch, rng):
-    """The coefficient form (what the layers call) against torch autograd, as the closed form above."""
+def test_backward_coefficient_form_matches_autograd(name, masked, form, batch, rng):
+    """The coefficient form (what the layers call) against torch autograd, as the closed form above.
+
+    ``centered-offset``: ``centered = x - shift`` with ``x - mean = centered - centered_offset`` (keras_bn passes
+    ShiftedMoments' shift and delta), the offset folded into the per-channel sums. The offset, up to 0.5 per
+    channel on values of order 3, shifts no term by more than float32 rounding of order-1 values."""
     xp, tensor = NAMESPACES[name]
     x, mask = batch
     weights = mask if masked else np.ones_like(x)
@@ -226,6 +230,10 @@ def test_backward_coefficient_form_matches_autograd(name, masked, overwrite, bat
     dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
     _, scale, count, dx_want, dgamma_want = _autograd_reference(x, gamma, dy, weights, 1e-3)
     centered, inv_sigma = _centered_reference(x, weights, 1e-3)
+    options = {"overwrite_centered": form == "overwrite-centered"}
+    if form == "centered-offset":
+        offset = rng.uniform(-0.5, 0.5, (1, 3, 1)).astype(np.float32)
+        centered, options = centered + offset, {"centered_offset": tensor(offset)}
     dx, dgamma, dbeta = spec.backward_coefficient_form(
         tensor(dy),
         tensor(centered),
@@ -235,35 +243,7 @@ def test_backward_coefficient_form_matches_autograd(name, masked, overwrite, bat
         count=tensor(count),
         weights=tensor(mask) if masked else None,
         xp=xp,
-        overwrite_centered=overwrite,
-    )
-    _close_gradients((dx, dgamma, dbeta), dx_want, dgamma_want, dy)
-
-
-@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
-@pytest.mark.parametrize("name", NAMESPACES)
-def test_backward_coefficient_form_with_a_centered_offset_matches_autograd(name, masked, batch, rng):
-    """``centered = x - shift`` with ``x - mean = centered - centered_offset`` (keras_bn passes ShiftedMoments'
-    shift and delta): the offset folded into the per-channel sums gives autograd's gradients. The offset, up to
-    0.5 per channel on values of order 3, shifts no term by more than float32 rounding of order-1 values."""
-    xp, tensor = NAMESPACES[name]
-    x, mask = batch
-    weights = mask if masked else np.ones_like(x)
-    gamma = rng.uniform(0.5, 2.0, 3).astype(np.float32)
-    dy = rng.uniform(-1, 1, x.shape).astype(np.float32)
-    _, scale, count, dx_want, dgamma_want = _autograd_reference(x, gamma, dy, weights, 1e-3)
-    centered, inv_sigma = _centered_reference(x, weights, 1e-3)
-    offset = rng.uniform(-0.5, 0.5, (1, 3, 1)).astype(np.float32)
-    dx, dgamma, dbeta = spec.backward_coefficient_form(
-        tensor(dy),
-        tensor(centered + offset),
-        tensor(inv_sigma),
-        tensor(scale),
-        AXES,
-        count=tensor(count),
-        weights=tensor(mask) if masked else None,
-        centered_offset=tensor(offset),
-        xp=xp,
+        **options,
     )
     _close_gradients((dx, dgamma, dbeta), dx_want, dgamma_want, dy)
 
