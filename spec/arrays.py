@@ -19,9 +19,16 @@ import numpy as np
 class Namespace:
     """The operations spec's formulas use, each spelled for one module (numpy, keras.ops, torch)."""
 
-    def __init__(self, xp: ModuleType) -> None:
+    def __init__(self, xp: ModuleType, *, plain_tensors: bool = False) -> None:
+        """``plain_tensors=True`` (torch only): the caller guarantees that every tensor it passes is a plain tensor
+        (no ``torch.func`` or batched wrapper) and that autograd is not recording and ``torch.compile`` not tracing,
+        having checked that once per call (torch_ref does, per forward and backward); in-place reuse then needs
+        only shape and dtype, not the per-operation checks of :meth:`_may_overwrite`."""
+        if plain_tensors and xp.__name__ != "torch":
+            raise ValueError(f"plain_tensors=True is for torch, not {xp.__name__}")
         self.xp = xp
         self.name = xp.__name__
+        self.plain_tensors = plain_tensors
 
     def sum(self, x, axis, keepdims: bool = False):
         return self.xp.sum(x, axis=axis, keepdims=keepdims)
@@ -82,6 +89,8 @@ class Namespace:
     def _may_overwrite(self, target, operands) -> bool:
         """torch: whether ``target`` may be written in place with the broadcast of ``operands``."""
         torch = self.xp
+        if self.plain_tensors:
+            return _holds_result(target, operands)
         return (
             all(isinstance(t, torch.Tensor) for t in operands)
             and not torch.is_grad_enabled()

@@ -454,23 +454,107 @@ def test_eps_range_is_checked_at_forward_as_torch_nn(eps: float, training: bool,
                 module(x)
 
 
+def _refuse(*args, **kwargs):
+    raise AssertionError("torch_ref called a library batch norm or NumPy")
+
+
+ATEN_BATCH_NORM = [
+    (torch.nn.functional, "batch_norm"),
+    (torch, "batch_norm"),
+    (torch, "native_batch_norm"),
+    (torch, "_native_batch_norm_legit"),
+]
+NUMPY_BRIDGE = [(torch.Tensor, "numpy"), (torch, "from_numpy")]
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_no_aten_batch_norm_and_no_numpy_on_the_path(training: bool, monkeypatch) -> None:
-    """From scratch in torch ops: forward, update and backward never reach ATen's BN kernels or NumPy."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("torch_ref called a library batch norm or NumPy")
-
-    for owner, name in [
-        (torch.nn.functional, "batch_norm"),
-        (torch, "batch_norm"),
-        (torch, "native_batch_norm"),
-        (torch, "_native_batch_norm_legit"),
-        (torch.Tensor, "numpy"),
-        (torch, "from_numpy"),
-    ]:
-        monkeypatch.setattr(owner, name, refuse)
+def test_no_aten_batch_norm_on_the_path(training: bool, monkeypatch) -> None:
+    """From scratch: forward, update and backward never reach ATen's BN kernels."""
+    for owner, name in ATEN_BATCH_NORM:
+        monkeypatch.setattr(owner, name, _refuse)
     bn = torch_ref.BatchNorm2d(3, momentum=None).train(training)
     x = torch.randn(4, 3, 2, 2, requires_grad=True)
     bn(x).sum().backward()
     assert x.grad is not None and int(bn.num_batches_tracked) == int(training)
+
+
+# (convention, momentum in PyTorch's meaning): every update rule, the counter-driven ones included
+UPDATE_RULES = [
+    ("torch", 0.1),
+    ("torch", None),
+    ("d2l", 0.1),
+    ("keras", 0.01),
+    ("onnx", 0.1),
+    ("tf1", 0.3),
+    ("caffe", 0.001),
+]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shapes become constants: fixed-shape batches
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("convention, momentum", UPDATE_RULES, ids=[f"{c}-momentum{m}" for c, m in UPDATE_RULES])
+def test_traced_update_records_torch_ops_with_the_eager_bits(
+    convention: str, momentum: float | None, dtype: torch.dtype, monkeypatch
+) -> None:
+    """Eager CPU training updates the running statistics with spec's NumPy reference on the buffers' host memory
+    (float64, like ATen's CPU kernel); a graph capture must record torch ops instead (``torch.jit.trace`` here,
+    NumPy refused while tracing). Oracle: the two paths are independent evaluations of the same float64
+    operations, so the traced module's buffers equal the eager module's bit for bit over several batches."""
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(8, 3, 4, 4, generator=gen, dtype=dtype) * (i + 1) + i for i in range(4)]
+    eager, traced = (torch_ref.BatchNorm2d(3, momentum=momentum, convention=convention, dtype=dtype) for _ in "ab")
+    with monkeypatch.context() as numpy_refused:
+        for owner, name in NUMPY_BRIDGE:
+            numpy_refused.setattr(owner, name, _refuse)
+        traced_forward = torch.jit.trace(traced, batches[0], check_trace=False)  # traces (and runs) batch 0
+    eager(batches[0])
+    for x in batches[1:]:
+        eager(x)
+        traced_forward(x)
+    assert int(traced.num_batches_tracked) == int(eager.num_batches_tracked) == len(batches)
+    for name in ("running_mean", "running_var"):
+        assert torch.equal(getattr(traced, name), getattr(eager, name)), name
+
+
+def _plain_namespace_seen(run) -> bool:
+    """Whether torch_ref lets spec skip its per-op in-place checks for a tensor inside ``run(probe)``."""
+    seen = []
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        seen.append(torch_ref.batch_norm._namespace_for(x).plain_tensors)
+        return x.sum()
+
+    run(probe)
+    return seen[0]
+
+
+def _without_grad(probe) -> None:
+    with torch.no_grad():
+        probe(torch.randn(3, 2))
+
+
+# context -> (runs the probe there, whether the per-op checks may be skipped)
+NAMESPACE_CONTEXTS = {
+    "eager-no-grad": (_without_grad, True),
+    "grad-recording": (lambda probe: probe(torch.randn(3, 2)), False),
+    "torch.func.vmap": (lambda probe: torch.func.vmap(probe)(torch.randn(3, 2)), False),
+    "torch.func.grad": (lambda probe: torch.func.grad(probe)(torch.randn(3, 2)), False),
+    "torch.func.grad-no-grad-inside": (
+        lambda probe: torch.func.grad(lambda x: _no_grad_sum(probe, x))(torch.randn(3)),
+        False,
+    ),
+}
+
+
+def _no_grad_sum(probe, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        probe(x)
+    return x.sum()
+
+
+@pytest.mark.parametrize("context", list(NAMESPACE_CONTEXTS))
+def test_in_place_checks_are_skipped_only_for_plain_tensors_outside_autograd(context: str) -> None:
+    """torch_ref checks once per forward/backward what spec's Namespace would check before each in-place op: plain
+    tensors, autograd not recording, no torch.func transform. Only then may it skip the per-op checks."""
+    run, plain = NAMESPACE_CONTEXTS[context]
+    assert _plain_namespace_seen(run) is plain

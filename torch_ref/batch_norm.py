@@ -52,6 +52,7 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
@@ -74,13 +75,38 @@ def _reduction_dims(x: Tensor, channel_dim: int = 1) -> list[int]:
 
 #: The array namespace every spec call here gets (``xp=``).
 _TORCH = spec.arrays.namespace(torch)
+#: The same for a call whose tensors :func:`_namespace_for` has checked once: in-place reuse without per-op checks.
+_TORCH_PLAIN = spec.arrays.Namespace(torch, plain_tensors=True)
+
+
+def _namespace_for(*tensors: Tensor | None) -> spec.arrays.Namespace:
+    """``_TORCH_PLAIN`` where every tensor is plain and nothing records or traces, else ``_TORCH``.
+
+    Checked once per forward or backward instead of before each of its in-place operations
+    (``spec.arrays.Namespace._may_overwrite``, ~7 us each): the tensors spec forms from plain inputs
+    are plain too. Wrapped are ``torch.func`` tensors (under an active transform) and the legacy batched
+    tensors of gradcheck's batched-gradient check (a cotangent can be one while x is not).
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return _TORCH
+    functorch = torch._C._functorch
+    for t in tensors:  # a loop, not any(generator): this runs on every step
+        if t is not None and (functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)):
+            return _TORCH
+    return _TORCH_PLAIN
 
 
 def _spec_all_reduce_sum(all_reduce_sum: Any) -> Any:
     return spec.identity if all_reduce_sum is None else all_reduce_sum
 
 
-def _statistics(x: Tensor, all_reduce_sum: Any = None, return_centered: bool = False, channel_dim: int = 1) -> Any:
+def _statistics(
+    x: Tensor,
+    all_reduce_sum: Any = None,
+    return_centered: bool = False,
+    channel_dim: int = 1,
+    xp: spec.arrays.Namespace = _TORCH,
+) -> Any:
     """``spec.shifted_moments`` of x over every dim but the channels' (SPEC.md §2, §7, §8).
 
     Keepdims ``(count, mean, var, shift, delta)``: the shift is a first estimate of the mean and
@@ -95,7 +121,7 @@ def _statistics(x: Tensor, all_reduce_sum: Any = None, return_centered: bool = F
         all_reduce_sum=_spec_all_reduce_sum(all_reduce_sum),
         return_centered=return_centered,
         count_as_number=True,
-        xp=_TORCH,
+        xp=xp,
     )
 
 
@@ -124,17 +150,18 @@ def _training_forward(
     is the statistics' own temporary, reused for y (autograd does not record inside the Function). A local
     count is x's shape, known to every caller: no tensor is made for it.
     """
-    stats, centered = _statistics(x, all_reduce_sum, return_centered=True, channel_dim=channel_dim)
+    xp = _namespace_for(x, weight, bias)
+    stats, centered = _statistics(x, all_reduce_sum, return_centered=True, channel_dim=channel_dim, xp=xp)
     scale, offset, inv_sigma = spec.inference_affine(
         stats.delta,
         stats.var,
         _keepdims(weight, x, channel_dim),
         _keepdims(bias, x, channel_dim),
         eps=eps,
-        xp=_TORCH,
+        xp=xp,
         return_inv_sigma=True,
     )
-    y = spec.normalize(centered, scale, offset, xp=_TORCH, overwrite_centered=True)
+    y = spec.normalize(centered, scale, offset, xp=xp, overwrite_centered=True)
     if all_reduce_sum is None:
         return y, stats.mean, stats.var, inv_sigma, scale
     return y, stats.mean, stats.var, inv_sigma, scale, stats.count
@@ -180,6 +207,7 @@ class _BatchNormTrain(torch.autograd.Function):
             return None, None, None, None, None, None
         x, weight, mean, inv_sigma, scale, count = ctx.saved_tensors
         dims = _reduction_dims(x, ctx.channel_dim)
+        xp = _namespace_for(dy, x, weight)
         if torch.is_grad_enabled():  # create_graph=True: the statistics as differentiable functions of x
             if ctx.all_reduce_sum is not None:
                 raise RuntimeError("second derivatives through a synchronized BN (all_reduce_sum) are not supported")
@@ -191,7 +219,7 @@ class _BatchNormTrain(torch.autograd.Function):
             # differentiable in weight too (the saved scale is a non-differentiable output)
             scale = inv_sigma if weight is None else _keepdims(weight, x, ctx.channel_dim) * inv_sigma
         elif ctx.all_reduce_sum is None:  # local: the count is x's shape, a Python number (no tensor op)
-            count = _TORCH.values_per_channel(x, dims)
+            count = xp.values_per_channel(x, dims)
         dx, dgamma, dbeta = spec.backward_coefficient_form(
             dy,
             x - mean,
@@ -200,7 +228,7 @@ class _BatchNormTrain(torch.autograd.Function):
             dims,
             count=count,
             all_reduce_sum=_spec_all_reduce_sum(ctx.all_reduce_sum),
-            xp=_TORCH,
+            xp=xp,
             overwrite_centered=True,  # x - mean is ours; torch reuses it for dx unless autograd records
             x=x,
             mean=mean,
@@ -322,6 +350,22 @@ def update_running_stats_(
     ``num_batches_tracked`` (as torch.nn does, even for an empty batch); ``count`` must be > 1.
     """
     conv, converted, counter = _update_rule(momentum, convention)
+    statistics = (running_mean, running_var, batch_mean, batch_var)
+    if _host_arrays(statistics):
+        # spec's NumPy reference itself, on the buffers' host memory: the same float64 operations as the torch
+        # ops below (IEEE, rounded to the buffers' dtype once by copy_), at ~0.5 us per operation on C values
+        # instead of ATen's ~2-3 us dispatch (the torch form was a third of a small BN layer's training step).
+        old_mean, old_var, mean64, var64 = (t.numpy().astype(np.float64) for t in statistics)
+        batches_before = None
+        if counter:
+            assert num_batches_tracked is not None, f"convention {convention!r} needs num_batches_tracked"
+            batches_before = int(num_batches_tracked) - 1  # the caller counted this batch
+        weight = spec.new_value_weight(conv, converted, batches_before)
+        var_in = spec.variance_for_update(conv, var64, float(count))
+        # no torch.no_grad() needed: neither side requires grad (checked above), so copy_ records nothing
+        running_mean.copy_(torch.from_numpy(spec.moving_average(old_mean, mean64, weight)))
+        running_var.copy_(torch.from_numpy(spec.moving_average(old_var, var_in, weight)))
+        return
     with torch.no_grad():  # the batch statistics are non-differentiable outputs: nothing to detach
         var_in = spec.variance_for_update(conv, batch_var.to(torch.float64), float(count), xp=_TORCH)
         batches_before = None
@@ -331,6 +375,28 @@ def update_running_stats_(
         weight = spec.new_value_weight(conv, converted, batches_before, xp=_TORCH)
         running_mean.copy_(spec.moving_average(running_mean.to(torch.float64), batch_mean.to(torch.float64), weight))
         running_var.copy_(spec.moving_average(running_var.to(torch.float64), var_in, weight))
+
+
+#: dtypes NumPy holds as they are (it has no bfloat16)
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def _host_arrays(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether every tensor can be read as a NumPy array in place: plain CPU tensors of a NumPy dtype, needing no
+    gradient, outside ``torch.compile``, ``torch.jit.trace`` and ``torch.func`` transforms (fake, meta and wrapped
+    tensors have no host memory; a tracer would bake the NumPy result in as a constant)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        return False  # a graph being captured must record the update as torch ops
+    for t in tensors:  # a loop, not all(generator): this runs on every training step
+        if (
+            type(t) is not torch.Tensor
+            or not t.is_cpu  # a property: t.device builds a device object (~1 us)
+            or t.dtype not in _NUMPY_DTYPES
+            or t.requires_grad
+            or torch._C._functorch.is_functorch_wrapped_tensor(t)
+        ):
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=64)
