@@ -2,20 +2,28 @@
 
 Load-independent where the timing tables are not: the number of ATen ops per step (each a dispatch of a few
 microseconds on a CPU, whatever else runs), the number of x-sized allocations, and each op's self-CPU time
-(which does depend on load). Two workloads, as bench/bench_modes.py times them:
+(which does depend on load). Three workloads, as bench/bench_modes.py times them:
 
 - **lenet**: one LeNet-BN training step, batch 64 (forward, cross-entropy, backward, SGD with momentum);
 - **layer**: one BN step alone on a 64x64x56x56 float32 NCHW batch (forward with the running-statistics
-  update, backward from a fixed cotangent to x, weight and bias).
+  update, backward from a fixed cotangent to x, weight and bias);
+- **lenet-bn**: each of LeNet-BN's four BN layers alone at its batch-64 shape, one step as in ``layer``, with
+  the step's time split by where it goes: ATen ops that touch x-sized data (the arithmetic passes), ATen ops on
+  per-channel vectors (dispatch, almost no arithmetic), and the rest (Python, the autograd Function and engine),
+  next to ``floor``: the op count times this machine's cost of one trivial ATen op on a per-channel vector.
 
-    python bench/profile_torch_bn.py                       # both workloads, top 12 ops each
+    python bench/profile_torch_bn.py                       # every workload, top 12 ops each
     python bench/profile_torch_bn.py --workloads lenet --top 30 --steps 20
+    python bench/profile_torch_bn.py --workloads lenet-bn  # where torch_ref's extra time per BN layer goes
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
+import time
 
 import numpy as np
 import torch
@@ -25,7 +33,9 @@ import torch_ref
 from export.machine import describe_machine
 from torch_ref.model import lenet_bn
 
-WORKLOADS = ("lenet", "layer")
+WORKLOADS = ("lenet", "layer", "lenet-bn")
+#: LeNet-BN's BN inputs at batch 64, channels at dim 1 (bench_modes.lenet_bn_shapes, channels last)
+LENET_BN_SHAPES = ((64, 6, 24, 24), (64, 16, 8, 8), (64, 120), (64, 84))
 
 
 def lenet_step(batch_norm: str, batch: int = 64):
@@ -46,7 +56,8 @@ def lenet_step(batch_norm: str, batch: int = 64):
 
 
 def layer_step(module: type, shape: tuple[int, ...] = (64, 64, 56, 56)):
-    """One BN training step of ``module`` (a BatchNorm2d class) alone, Keras' defaults (eps 1e-3, momentum 0.01)."""
+    """One BN training step of ``module`` (a BatchNorm*d class for ``shape``) alone, Keras' defaults (eps 1e-3,
+    momentum 0.01)."""
     bn = module(shape[1], eps=1e-3, momentum=0.01).train()
     rng = np.random.default_rng(0)
     x = torch.from_numpy((0.5 + rng.standard_normal(shape)).astype(np.float32)).requires_grad_(True)
@@ -75,6 +86,82 @@ def profile_step(step, steps: int, numel: int) -> dict:
     return {"aten_ops": aten, "x_sized_allocations": allocations / steps, "self_cpu_ms": total, "per_op": per_op}
 
 
+def median_step_us(step, calls: int = 50, rounds: int = 15) -> float:
+    """Median over ``rounds`` of the mean wall time of ``calls`` un-profiled steps, in microseconds."""
+    for _ in range(calls):
+        step()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def trivial_op_us() -> float:
+    """This machine's cost of one ATen op on a per-channel vector from Python (``a * b``, 16 floats): the floor
+    every per-channel op pays, whatever its arithmetic."""
+    a, b = torch.rand(1, 16, 1, 1), torch.rand(1, 16, 1, 1)
+    return median_step_us(lambda: a * b, calls=2000)
+
+
+def split_step(step, numel: int, steps: int = 20) -> dict:
+    """ATen ops per step split into x-sized (an input of ``numel`` elements: an arithmetic pass) and per-channel,
+    with their self-CPU time per step (us, under the profiler)."""
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    split = {"x_sized": [0, 0.0], "per_channel": [0, 0.0]}
+    for event in prof.events():
+        if not event.name.startswith("aten::") or (event.cpu_parent and event.cpu_parent.name.startswith("aten::")):
+            continue  # top-level ATen calls only: an op's own sub-calls are inside its self and child time
+        shapes = [shape for shape in event.input_shapes if isinstance(shape, list)]
+        sizes = [math.prod(shape) for shape in shapes if shape and all(isinstance(d, int) for d in shape)]
+        kind = "x_sized" if numel in sizes else "per_channel"
+        split[kind][0] += 1
+        split[kind][1] += event.cpu_time_total  # the op with its sub-calls (views, copies, allocation)
+    return {kind: (count / steps, us / steps) for kind, (count, us) in split.items()}
+
+
+def print_breakdown(threads: int) -> None:
+    """The lenet-bn workload: per BN layer, torch.nn and torch_ref, where a training step's time goes."""
+    floor = trivial_op_us()
+    print(f"\nlenet-bn: one BN layer's training step, float32, {threads} thread(s); trivial ATen op {floor:.2f} us")
+    print(
+        f"  {'shape':14s} {'variant':10s} {'us/step':>8s} {'x-sized ops':>12s} {'us':>7s} {'per-channel ops':>16s}"
+        f" {'us':>7s} {'floor us':>9s} {'rest us':>8s}"
+    )
+    totals = {}
+    for shape in LENET_BN_SHAPES:
+        numel = math.prod(shape)
+        for name, module in (
+            ("torch.nn", batch_norm_class(torch.nn, shape)),
+            ("torch_ref", batch_norm_class(torch_ref, shape)),
+        ):
+            step = layer_step(module, shape)
+            wall = median_step_us(step)
+            split = split_step(step, numel)
+            (x_ops, x_us), (c_ops, c_us) = split["x_sized"], split["per_channel"]
+            # the rest: Python, the autograd Function and engine (profiled op times include the profiler's own cost,
+            # so this is a lower bound)
+            rest = max(wall - x_us - c_us, 0.0)
+            totals[name] = totals.get(name, 0.0) + wall
+            print(
+                f"  {'x'.join(map(str, shape)):14s} {name:10s} {wall:8.1f} {x_ops:12.0f} {x_us:7.1f} {c_ops:16.0f}"
+                f" {c_us:7.1f} {(x_ops + c_ops) * floor:9.1f} {rest:8.1f}"
+            )
+    ratio = totals["torch_ref"] / totals["torch.nn"]
+    print(f"  four layers: torch.nn {totals['torch.nn']:.0f} us, torch_ref {totals['torch_ref']:.0f} us ({ratio:.2f}x)")
+
+
+def batch_norm_class(package, shape: tuple[int, ...]) -> type:
+    """``package``'s (torch.nn or torch_ref) BatchNorm1d or BatchNorm2d for an (N, C) or (N, C, H, W) input."""
+    return getattr(package, {2: "BatchNorm1d", 4: "BatchNorm2d"}[len(shape)])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
@@ -88,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(f"machine: {describe_machine()}; torch {torch.__version__}, {args.threads} intra-op thread(s)")
     for workload in workloads:
+        if workload == "lenet-bn":
+            print_breakdown(args.threads)
+            continue
         if workload == "lenet":
             variants = {"torch.nn": lenet_step("torch"), "torch_ref": lenet_step("ours")}
             steps, numel = args.steps, 64 * 6 * 24 * 24  # conv1's BN input, the largest LeNet activation
