@@ -407,9 +407,15 @@ def _hlo_shape(shape) -> str:
     return "f32[" + ",".join(map(str, shape)) + "]"
 
 
+def _cost_analysis_columns(c: dict, mb_width: int, mb_decimals: int) -> tuple[str, str]:
+    """XLA's cost analysis as printed: MB accessed and GFLOP, or "-" where the backend gave none."""
+    mb = f"{c['bytes_accessed'] / 1e6:{mb_width}.{mb_decimals}f}" if "bytes_accessed" in c else "-".rjust(mb_width)
+    gflop = f"{c['flops'] / 1e9:6.3f}" if "flops" in c else "-".rjust(6)
+    return mb, gflop
+
+
 def _print_lenet(mode: str, variant: str, c: dict) -> None:
-    mb = f"{c['bytes_accessed'] / 1e6:9.2f}" if "bytes_accessed" in c else f"{'-':>9s}"
-    gflop = f"{c['flops'] / 1e9:6.3f}" if "flops" in c else f"{'-':>6s}"
+    mb, gflop = _cost_analysis_columns(c, mb_width=9, mb_decimals=2)
     branch = f"{c['branch_kernels']}/{c['branch_bytes'] / 1e6:.2f}" if c["conditionals"] else "-"
     print(
         f"{mode:8s} {variant:7s} {c['kernels']:7d} {c['bytes'] / 1e6:9.2f} {c['conditionals']:4d} {branch:>12s} "
@@ -469,8 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "xla_programs" in c:
                     dispatch.append((variant, c))
                 continue
-            mb = f"{c['bytes_accessed'] / 1e6:12.1f}" if "bytes_accessed" in c else f"{'-':>12s}"
-            gflop = f"{c['flops'] / 1e9:6.3f}" if "flops" in c else f"{'-':>6s}"
+            mb, gflop = _cost_analysis_columns(c, mb_width=12, mb_decimals=1)
             branch = f"{c['branch_reads']}/{c['branch_writes']}" if c["conditionals"] else "-"
             print(
                 f"{name:11s} {variant:8s} {c['fusions']:7d} {c['reads']:6d} {c['writes']:6d} "
