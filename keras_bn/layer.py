@@ -41,10 +41,12 @@ if keras.backend.backend() == "tensorflow":
     from keras_bn import _fused, sync, tuning
 else:
     _fused = sync = tuning = None
-# On the torch backend the generic training path runs torch_ref's autograd Function (the same spec formulas).
+# On the torch backend the generic training path runs torch_ref's autograd Function (the same spec formulas),
+# and the moving-statistics update runs spec's formulas on the torch tensors themselves (xp=torch).
 _torch_backend = None
 if keras.backend.backend() == "torch":
     from keras_bn import _torch_backend
+_STATS_XP = ops if _torch_backend is None else _torch_backend.XP
 
 STATS_UPDATES = ("auto", "deferred", "frozen")
 NORMALIZE_WITH = ("batch", "moving")
@@ -361,7 +363,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             y = self._infer(inputs, x)
             stats = self._batch_statistics(x, weights) if update else None
         if update:
-            count, mean, var = (ops.stop_gradient(t) for t in stats)
+            count, mean, var = (_ops.stop_gradient(t) for t in stats)
             if self.stats_update == "deferred":
                 self._pending.record(count, mean, var, apply_late=self._apply_pending)
             else:
@@ -513,13 +515,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
             self._update_renorm_stats(count, mean, var, gate)
             return
 
-        def assign(variable, value):
-            value = ops.cast(value, variable.dtype)
+        def assign(variable, value):  # value is in the variable's dtype: update_running_stats keeps the old one's
             variable.assign(value if gate is None else ops.where(gate, value, variable.value))
 
         counter = self.num_batches_tracked
-        update = _ops.update_running_stats if _torch_backend is None else _torch_backend.update_running_stats
-        new_mean, new_var, valid = update(
+        new_mean, new_var, valid = _ops.update_running_stats(
             self.moving_mean.value,
             self.moving_variance.value,
             mean,
@@ -528,6 +528,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             conv=self._conv,
             momentum=self.momentum,
             num_batches_tracked=None if counter is None else counter.value,
+            xp=_STATS_XP,
         )
         assign(self.moving_mean, new_mean)
         assign(self.moving_variance, new_var)
