@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 from keras import ops
 
 import spec
@@ -27,6 +28,15 @@ UNKNOWN_BATCH = 32
 def per_channel(value):
     """A keepdims statistic as the (C,) vector the layer's weights hold."""
     return ops.reshape(value, (-1,))
+
+
+def cast(x, dtype: str):
+    """``ops.cast(x, dtype)`` (``dtype`` a name, as ``keras.backend.standardize_dtype`` gives it), or x as it is where
+    it has that dtype already, a variable's value: a cast to the same dtype still converts its argument on every
+    call (a few microseconds on the torch backend, where LeNet's BN call is mostly such overhead)."""
+    if keras.backend.standardize_dtype(x.dtype) != dtype:
+        return ops.cast(x, dtype)
+    return x.value if isinstance(x, keras.Variable) else x
 
 
 def stop_gradient(value):

@@ -22,6 +22,7 @@ Three independent choices, each an argument (matrix of uses: docs/stats_update.m
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import re
@@ -68,6 +69,13 @@ def _refine_conditionally(x) -> bool:
         return False
     values = math.prod(_ops.UNKNOWN_BATCH if d is None else d for d in x.shape)
     return values >= CONDITIONAL_REFINEMENT_VALUES
+
+
+@functools.cache
+def _statistics_dtype(dtype: str) -> str:
+    """The dtype statistics are computed in for ``dtype`` inputs: Keras' rule (float32 for half inputs), once per
+    dtype (``keras.backend.result_type`` costs more than the cast it decides on the torch backend)."""
+    return keras.backend.result_type(dtype, "float32")
 
 
 def _clone_initializer(initializer):
@@ -368,7 +376,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 self._pending.record(count, mean, var, apply_late=self._apply_pending)
             else:
                 self._update_moving_stats(count, mean, var)
-        return ops.cast(y, self.compute_dtype)
+        return _ops.cast(y, self.compute_dtype)
 
     def _check_inputs(self, inputs) -> None:
         dtype = keras.backend.standardize_dtype(inputs.dtype)
@@ -382,14 +390,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _as_statistics_dtype(self, inputs, mask):
         """``x`` in the statistics' dtype (float32 for half inputs) and the mask as 0/1 weights like x, or None."""
-        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        x = _ops.cast(inputs, _statistics_dtype(keras.backend.standardize_dtype(inputs.dtype)))
         weights = None if mask is None else ops.cast(self._broadcast_mask(mask, inputs), x.dtype)
         return x, weights
 
     def _affine(self, dtype):
         """gamma and beta in the statistics' dtype (None where scale=False / center=False)."""
-        gamma = None if self.gamma is None else ops.cast(self.gamma, dtype)
-        beta = None if self.beta is None else ops.cast(self.beta, dtype)
+        dtype = keras.backend.standardize_dtype(dtype)
+        gamma = None if self.gamma is None else _ops.cast(self.gamma, dtype)
+        beta = None if self.beta is None else _ops.cast(self.beta, dtype)
         return gamma, beta
 
     def _all_reduce_sum(self):
