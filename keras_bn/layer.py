@@ -22,7 +22,6 @@ Three independent choices, each an argument (matrix of uses: docs/stats_update.m
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import re
@@ -71,11 +70,16 @@ def _refine_conditionally(x) -> bool:
     return values >= CONDITIONAL_REFINEMENT_VALUES
 
 
-@functools.cache
+_STATISTICS_DTYPES: dict[str, str] = {}
+
+
 def _statistics_dtype(dtype: str) -> str:
     """The dtype statistics are computed in for ``dtype`` inputs: Keras' rule (float32 for half inputs), once per
-    dtype (``keras.backend.result_type`` costs more than the cast it decides on the torch backend)."""
-    return keras.backend.result_type(dtype, "float32")
+    dtype (``keras.backend.result_type`` costs more than the cast it decides on the torch backend). A dict, not
+    ``functools.cache``: TorchDynamo warns on every cache-wrapped function it traces."""
+    if dtype not in _STATISTICS_DTYPES:
+        _STATISTICS_DTYPES[dtype] = keras.backend.result_type(dtype, "float32")
+    return _STATISTICS_DTYPES[dtype]
 
 
 def _clone_initializer(initializer):
