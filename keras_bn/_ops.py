@@ -1,6 +1,7 @@
 """Keras-side bookkeeping around spec's formulas: gradient wiring, a graph-safe update, renorm.
 
-The math is :mod:`spec`'s, called with ``xp=keras.ops`` on the layer's tensors:
+The math is :mod:`spec`'s, called with ``xp=keras.ops`` on the layer's tensors (the update also with
+``xp=torch`` on the torch backend's own tensors):
 :func:`spec.shifted_moments` (statistics), :func:`spec.backward_coefficient_form` (gradient),
 :func:`spec.inference_affine` / :func:`spec.normalize` (y), :func:`spec.new_value_weight`,
 :func:`spec.variance_for_update` and :func:`spec.moving_average` (the update). What stays here
