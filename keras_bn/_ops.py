@@ -1,6 +1,7 @@
 """Keras-side bookkeeping around spec's formulas: gradient wiring, a graph-safe update, renorm.
 
-The math is :mod:`spec`'s, called with ``xp=keras.ops`` on the layer's tensors:
+The math is :mod:`spec`'s, called with ``xp=keras.ops`` on the layer's tensors (the update also with
+``xp=torch`` on the torch backend's own tensors):
 :func:`spec.shifted_moments` (statistics), :func:`spec.backward_coefficient_form` (gradient),
 :func:`spec.inference_affine` / :func:`spec.normalize` (y), :func:`spec.new_value_weight`,
 :func:`spec.variance_for_update` and :func:`spec.moving_average` (the update). What stays here
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 from keras import ops
 
 import spec
@@ -27,6 +29,23 @@ UNKNOWN_BATCH = 32
 def per_channel(value):
     """A keepdims statistic as the (C,) vector the layer's weights hold."""
     return ops.reshape(value, (-1,))
+
+
+def cast(x, dtype: str):
+    """``ops.cast(x, dtype)`` (``dtype`` a name, as ``keras.backend.standardize_dtype`` gives it), or x as it is where
+    it has that dtype already, a variable's value: a cast to the same dtype still converts its argument on every
+    call (a few microseconds on the torch backend, where LeNet's BN call is mostly such overhead)."""
+    if keras.backend.standardize_dtype(x.dtype) != dtype:
+        return ops.cast(x, dtype)
+    return x.value if isinstance(x, keras.Variable) else x
+
+
+def stop_gradient(value):
+    """``ops.stop_gradient(value)``, skipped where no gradient can flow: a Python number (a count known from the
+    shape) or a torch tensor autograd does not track (torch_ref's statistics are non-differentiable outputs)."""
+    if isinstance(value, int | float) or getattr(value, "requires_grad", None) is False:
+        return value
+    return ops.stop_gradient(value)
 
 
 def moments(
@@ -94,30 +113,43 @@ def normalize_batch(
 
 
 def update_running_stats(
-    running_mean, running_var, batch_mean, batch_var, count, *, conv: Convention, momentum, num_batches_tracked=None
+    running_mean,
+    running_var,
+    batch_mean,
+    batch_var,
+    count,
+    *,
+    conv: Convention,
+    momentum,
+    num_batches_tracked=None,
+    xp=ops,
 ):
     """One moving-statistics update, :func:`spec.update_running_stats` without raising (graph-safe).
 
         new = (1 - w) * old + w * variance_for_update(batch)     (spec's weight and Bessel factor)
 
-    Returns ``(new_mean, new_var, valid)``. Where the spec raises (count < 1, or count <= 1
-    for an unbiased variance) a layer inside a graph cannot, so ``valid`` is False there and
+    Returns ``(new_mean, new_var, valid)`` in the statistics' dtype. Where the spec raises (count < 1, or
+    count <= 1 for an unbiased variance) a layer inside a graph cannot, so ``valid`` is False there and
     the statistics are returned unchanged: an empty or all-masked batch carries no information
     (and its statistics may be NaN, which a zero weight would not keep out: 0 * NaN = NaN).
+
+    ``xp`` is the tensors' namespace: ``keras.ops`` on any backend, or ``torch`` for the torch backend's own
+    tensors (there keras.ops' conversion of every argument costs more than these C-sized operations;
+    bench/profile_keras_torch.py). ``count`` is per channel, or one Python number known from a static shape
+    (the torch backend's path): then ``valid`` is a Python bool and the update needs no ``where``.
     """
+    ns = spec.namespace(xp)
     dtype = running_mean.dtype
-    batch_mean = ops.cast(batch_mean, dtype)
-    count = ops.cast(count, dtype)
+    if not isinstance(count, int | float):
+        count = ns.cast(count, dtype)
     valid = count > 1.0 if conv.running_variance == "unbiased" else count >= 1.0
-    batch_var = spec.variance_for_update(conv, ops.cast(batch_var, dtype), count, xp=ops)
+    batch_var = spec.variance_for_update(conv, ns.cast(batch_var, dtype), count, xp=xp)
     # float64 counter: Caffe's 1 - f^n for f = 0.999 cancels three digits.
-    n = None if num_batches_tracked is None else ops.cast(num_batches_tracked, "float64")
-    w = spec.new_value_weight(conv, momentum, n, xp=ops)
-    # A Python float goes straight to the statistics' dtype: ops.cast would first make it a
-    # float32 tensor on TensorFlow (0.1 -> 0.10000000149), 1e-8 off per float64 update.
-    w = ops.convert_to_tensor(w, dtype=dtype) if isinstance(w, float) else ops.cast(w, dtype)
-    new_mean = ops.where(valid, spec.moving_average(running_mean, batch_mean, w), running_mean)
-    new_var = ops.where(valid, spec.moving_average(running_var, batch_var, w), running_var)
+    n = None if num_batches_tracked is None else ns.cast(num_batches_tracked, "float64")
+    w = spec.new_value_weight(conv, momentum, n, xp=xp)
+    w = ns.asarray(w, dtype) if isinstance(w, float) else ns.cast(w, dtype)
+    new_mean = ns.where(valid, spec.moving_average(running_mean, ns.cast(batch_mean, dtype), w), running_mean)
+    new_var = ns.where(valid, spec.moving_average(running_var, batch_var, w), running_var)
     return new_mean, new_var, valid
 
 

@@ -41,10 +41,12 @@ if keras.backend.backend() == "tensorflow":
     from keras_bn import _fused, sync, tuning
 else:
     _fused = sync = tuning = None
-# On the torch backend the generic training path runs torch_ref's autograd Function (the same spec formulas).
+# On the torch backend the generic training path runs torch_ref's autograd Function (the same spec formulas),
+# and the moving-statistics update runs spec's formulas on the torch tensors themselves (xp=torch).
 _torch_backend = None
 if keras.backend.backend() == "torch":
     from keras_bn import _torch_backend
+_STATS_XP = ops if _torch_backend is None else _torch_backend.XP
 
 STATS_UPDATES = ("auto", "deferred", "frozen")
 NORMALIZE_WITH = ("batch", "moving")
@@ -66,6 +68,18 @@ def _refine_conditionally(x) -> bool:
         return False
     values = math.prod(_ops.UNKNOWN_BATCH if d is None else d for d in x.shape)
     return values >= CONDITIONAL_REFINEMENT_VALUES
+
+
+_STATISTICS_DTYPES: dict[str, str] = {}
+
+
+def _statistics_dtype(dtype: str) -> str:
+    """The dtype statistics are computed in for ``dtype`` inputs: Keras' rule (float32 for half inputs), once per
+    dtype (``keras.backend.result_type`` costs more than the cast it decides on the torch backend). A dict, not
+    ``functools.cache``: TorchDynamo warns on every cache-wrapped function it traces."""
+    if dtype not in _STATISTICS_DTYPES:
+        _STATISTICS_DTYPES[dtype] = keras.backend.result_type(dtype, "float32")
+    return _STATISTICS_DTYPES[dtype]
 
 
 def _clone_initializer(initializer):
@@ -361,12 +375,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
             y = self._infer(inputs, x)
             stats = self._batch_statistics(x, weights) if update else None
         if update:
-            count, mean, var = (ops.stop_gradient(t) for t in stats)
+            count, mean, var = (_ops.stop_gradient(t) for t in stats)
             if self.stats_update == "deferred":
                 self._pending.record(count, mean, var, apply_late=self._apply_pending)
             else:
                 self._update_moving_stats(count, mean, var)
-        return ops.cast(y, self.compute_dtype)
+        return _ops.cast(y, self.compute_dtype)
 
     def _check_inputs(self, inputs) -> None:
         dtype = keras.backend.standardize_dtype(inputs.dtype)
@@ -380,14 +394,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _as_statistics_dtype(self, inputs, mask):
         """``x`` in the statistics' dtype (float32 for half inputs) and the mask as 0/1 weights like x, or None."""
-        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        x = _ops.cast(inputs, _statistics_dtype(keras.backend.standardize_dtype(inputs.dtype)))
         weights = None if mask is None else ops.cast(self._broadcast_mask(mask, inputs), x.dtype)
         return x, weights
 
     def _affine(self, dtype):
         """gamma and beta in the statistics' dtype (None where scale=False / center=False)."""
-        gamma = None if self.gamma is None else ops.cast(self.gamma, dtype)
-        beta = None if self.beta is None else ops.cast(self.beta, dtype)
+        dtype = keras.backend.standardize_dtype(dtype)
+        gamma = None if self.gamma is None else _ops.cast(self.gamma, dtype)
+        beta = None if self.beta is None else _ops.cast(self.beta, dtype)
         return gamma, beta
 
     def _all_reduce_sum(self):
@@ -513,13 +528,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
             self._update_renorm_stats(count, mean, var, gate)
             return
 
-        def assign(variable, value):
-            value = ops.cast(value, variable.dtype)
+        def assign(variable, value):  # value is in the variable's dtype: update_running_stats keeps the old one's
             variable.assign(value if gate is None else ops.where(gate, value, variable.value))
 
         counter = self.num_batches_tracked
-        update = _ops.update_running_stats if _torch_backend is None else _torch_backend.update_running_stats
-        new_mean, new_var, valid = update(
+        new_mean, new_var, valid = _ops.update_running_stats(
             self.moving_mean.value,
             self.moving_variance.value,
             mean,
@@ -528,6 +541,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             conv=self._conv,
             momentum=self.momentum,
             num_batches_tracked=None if counter is None else counter.value,
+            xp=_STATS_XP,
         )
         assign(self.moving_mean, new_mean)
         assign(self.moving_variance, new_var)

@@ -90,6 +90,8 @@ class PendingUpdate:
         else:
             self.late.assign(self.late.value + self.recorded.value)
             apply_late()
+        if isinstance(count, int | float):  # one count for every channel, known from the shape (torch backend)
+            count = ops.full(self.count.shape, count, dtype=self.count.dtype)
         self.count.assign(ops.cast(count, self.count.dtype))
         self.mean.assign(ops.cast(mean, self.mean.dtype))
         self.var.assign(ops.cast(var, self.var.dtype))

@@ -34,7 +34,28 @@ class Namespace:
         return self.xp.sum(x, axis=axis, keepdims=keepdims)
 
     def where(self, condition, a, b):
+        """``a`` where ``condition`` holds, else ``b``; a Python bool (a condition known on the host, such as a
+        count from static shapes) picks one operand without an array operation."""
+        if isinstance(condition, bool):
+            return a if condition else b
         return self.xp.where(condition, a, b)
+
+    def cast(self, x, dtype):
+        """``x`` in ``dtype``: the module's dtype object (``t.dtype`` of another array) or a name ("float64")."""
+        if self.name == "torch":
+            return x.to(getattr(self.xp, dtype) if isinstance(dtype, str) else dtype)
+        if self.xp is np:
+            return np.asarray(x).astype(dtype, copy=False)
+        return self.xp.cast(x, dtype)
+
+    def asarray(self, value: float, dtype):
+        """A Python number as a 0-d array of ``dtype``, rounded once, to that dtype: ``keras.ops.cast`` would make
+        a float32 tensor of it first on TensorFlow (0.1 -> 0.10000000149, 1e-8 off in a float64 update)."""
+        if self.name == "torch":
+            return self.xp.tensor(value, dtype=getattr(self.xp, dtype) if isinstance(dtype, str) else dtype)
+        if self.xp is np:
+            return np.asarray(value, dtype=dtype)
+        return self.xp.convert_to_tensor(value, dtype=dtype)
 
     def sqrt(self, x):
         return self.xp.sqrt(x)

@@ -365,3 +365,28 @@ def test_refinement_when_needed_runs_only_for_large_offsets(name, offset, spread
 def test_refine_rejects_other_values():
     with pytest.raises(ValueError, match="refine must be True, False or 'when_needed'"):
         spec.shifted_moments(np.ones((2, 3)), (0,), refine="sometimes")
+
+
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_where_takes_a_python_bool_and_picks_an_operand(name):
+    """A condition known on the host picks one operand as it is (no array op); an array condition selects."""
+    xp, tensor = NAMESPACES[name]
+    ns = spec.namespace(xp)
+    a, b = tensor(np.array([1.0, 2.0])), tensor(np.array([3.0, 4.0]))
+    assert ns.where(True, a, b) is a and ns.where(False, a, b) is b
+    np.testing.assert_array_equal(_numpy(ns.where(tensor(np.array([True, False])), a, b)), [1.0, 4.0])
+
+
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_asarray_rounds_a_python_number_once_to_the_dtype(name):
+    """0.1 straight to float64 is NumPy's float64(0.1), not float32(0.1) widened (1.5e-9 off); cast follows a
+    dtype name or another array's dtype object."""
+    xp, tensor = NAMESPACES[name]
+    ns = spec.namespace(xp)
+    like64, like32 = tensor(np.zeros(2)), tensor(np.zeros(2, np.float32))
+    for dtype, want in (("float64", np.float64(0.1)), (like64.dtype, np.float64(0.1)), (like32.dtype, np.float32(0.1))):
+        got = ns.asarray(0.1, dtype)
+        assert _numpy(got) == want and str(want.dtype) in str(got.dtype)
+    widened = ns.cast(ns.asarray(0.1, "float32"), "float64")
+    assert _numpy(widened) == np.float64(np.float32(0.1)) != np.float64(0.1) and "float64" in str(widened.dtype)
+    assert "float64" in str(ns.cast(like32, like64.dtype).dtype)
