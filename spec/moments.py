@@ -126,7 +126,7 @@ def shifted_moments(
         count, total = all_reduce_sum([local_count, local_sum])
     divisor = safe_count(count, ns)
     shift = total / divisor
-    shifted = x - shift
+    shifted = ns.subtract(x, shift)
     if weights is not None:
         shifted = ns.where(use, shifted, 0.0)
 

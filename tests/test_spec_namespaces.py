@@ -319,6 +319,42 @@ def test_torch_multiply_add_reuses_only_a_temporary_it_may(rng):
     torch.testing.assert_close(recorded.detach(), x, rtol=0, atol=0)
 
 
+# channels-last shapes: (shape, whether the plain namespace views them as wider rows); odd row counts and 16 or
+# more channels keep ATen's own loop
+TILE_SHAPES = {
+    "NHWC-6ch": ((64, 24, 24, 6), True),
+    "NHWC-1ch": ((8, 4, 4, 1), True),
+    "NHWC-15ch": ((32, 8, 8, 15), True),
+    "NC-3ch": ((128, 3), True),
+    "NHWC-16ch": ((16, 8, 8, 16), False),
+    "odd-rows-6ch": ((3, 5, 7, 6), False),
+}
+
+
+@pytest.mark.parametrize("shape_id", list(TILE_SHAPES))
+def test_plain_torch_namespace_gives_the_bits_of_the_checked_one_on_channels_last_tensors(shape_id, rng):
+    """Namespace(torch, plain_tensors=True) may run per-channel elementwise ops on x viewed as wider rows (the
+    vectors repeated): every element gets the same operands, so subtract and both in-place multiply_adds must
+    equal the checked namespace's results bit for bit, written into the same buffers."""
+    shape, tiled = TILE_SHAPES[shape_id]
+    plain, checked = spec.arrays.Namespace(torch, plain_tensors=True), spec.namespace(torch)
+    x, dy = (torch.as_tensor(rng.uniform(-3, 3, shape).astype(np.float32)) for _ in range(2))
+    a, b = (torch.as_tensor(rng.uniform(-2, 2, (1,) * (len(shape) - 1) + shape[-1:]).astype(np.float32)) for _ in "ab")
+    assert (plain._channel_tiles(x, (x, a)) is not None) is tiled
+    with torch.no_grad():
+        assert torch.equal(plain.subtract(x, a), checked.subtract(x, a))
+        out_plain, out_checked = torch.empty_like(x), torch.empty_like(x)
+        assert plain.subtract(x, a, out=out_plain) is out_plain
+        checked.subtract(x, a, out=out_checked)
+        assert torch.equal(out_plain, out_checked)
+        into_x = x.clone()
+        assert plain.multiply_add(into_x, a, b, overwrite="x") is into_x
+        assert torch.equal(into_x, checked.multiply_add(x.clone(), a, b, overwrite="x"))
+        into_b = dy.clone()
+        assert plain.multiply_add(x, a, into_b, overwrite="b") is into_b
+        assert torch.equal(into_b, checked.multiply_add(x, a, dy.clone(), overwrite="b"))
+
+
 @pytest.mark.parametrize("name", NAMESPACES)
 def test_variance_for_update_takes_a_python_count(name):
     xp, tensor = NAMESPACES[name]

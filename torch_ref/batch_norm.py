@@ -222,7 +222,7 @@ class _BatchNormTrain(torch.autograd.Function):
             count = xp.values_per_channel(x, dims)
         dx, dgamma, dbeta = spec.backward_coefficient_form(
             dy,
-            x - mean,
+            xp.subtract(x, mean),
             inv_sigma,
             scale,
             dims,
