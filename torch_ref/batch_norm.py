@@ -26,7 +26,9 @@ The moving statistics follow ``spec.update_running_stats`` in the layer's ``conv
 "torch": weight ``momentum`` on the new value, Bessel-corrected (unbiased) variance,
 ``momentum=None`` as a cumulative average over ``num_batches_tracked``); ``momentum`` keeps
 PyTorch's meaning (the weight of the new batch) in every convention and is converted by
-``spec.convert_momentum``. The arithmetic is float64, like ATen's CPU kernel. An empty training
+``spec.convert_momentum``. The arithmetic is float64, like ATen's CPU kernel: on plain CPU tensors spec's NumPy
+functions on the buffers' memory (fewer dispatches, the same operations and bits), else torch ops, which a graph
+capture (``torch.compile``, ``torch.jit.trace``) records. An empty training
 batch returns an empty output, leaves the statistics and increments the counter, as ``torch.nn`` does.
 
 The modules subclass ``torch.nn.modules.batchnorm._BatchNorm``, so ``isinstance`` checks,
