@@ -1,8 +1,10 @@
 """bench/profile_keras_torch.py end to end in a subprocess (it fixes KERAS_BACKEND=torch before importing Keras).
 
 Oracle for the counts: both variants' BN layers are called once per step per layer, so each probed layer shows up
-once per variant; ours makes fewer ATen ops per BN call than Keras' layer by construction of the torch path
-(torch_ref's autograd Function, the count known from x's shape). Nothing here asserts a time.
+once per variant; at 16 or more channels ours makes fewer ATen ops per BN call than Keras' layer by construction of
+the torch path (torch_ref's autograd Function, the count known from x's shape), while bn1's 6 channels-last channels
+are viewed as wider rows, which costs a few view and copy calls (spec.arrays' channel tiling). Nothing here asserts a
+time.
 """
 
 from __future__ import annotations
@@ -43,5 +45,7 @@ def test_profile_keras_torch_counts_each_bn_call_of_both_variants_and_names_the_
         r"^\s+(bn\d)\s+Python calls\s+([\d.]+) ->\s+([\d.]+)\s+ATen ops\s+([\d.]+) ->\s+([\d.]+)", out, re.M
     )
     assert [name for name, *_ in layers] == ["bn1", "bn2", "bn3", "bn4"]
-    for _, _, _, keras_ops, ours_ops in layers:
-        assert 0 < float(ours_ops) < float(keras_ops)
+    for name, _, _, keras_ops, ours_ops in layers:
+        assert float(ours_ops) > 0 and float(keras_ops) > 0
+        if name != "bn1":
+            assert float(ours_ops) < float(keras_ops), name
