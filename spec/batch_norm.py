@@ -221,6 +221,19 @@ def batch_norm_tangent(
     return dy
 
 
+def _batch_normalized(x: np.ndarray, axis: int, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(count, inv_sigma, x_hat)`` of a training batch in float64, count and inv_sigma keepdims (broadcast
+    against x): ``x_hat = (x - mean) * inv_sigma`` with the batch's own statistics, which need more than one value
+    per channel. The derivatives (:func:`batch_norm_jvp`, :func:`batch_norm_backward`) both start from it."""
+    count, mean, var = moments(x, axis=axis)
+    if np.any(count <= 1):
+        raise ValueError(f"training needs more than one value per channel, got {int(np.min(count))}")
+    shape = channel_shape(x.ndim, axis)
+    inv_sigma, _ = inference_affine(mean, var, eps=eps)
+    x_hat = (x.astype(ACCUMULATOR) - mean.reshape(shape)) * inv_sigma.reshape(shape)
+    return count.reshape(shape), inv_sigma.reshape(shape), x_hat
+
+
 def batch_norm_jvp(x, gamma, dx, dgamma=None, dbeta=None, *, axis: int = 1, eps: float = 1e-5) -> np.ndarray:
     """Training-mode forward-mode derivative in float64: the tangent of :func:`batch_norm_train`'s ``y``.
 
@@ -235,12 +248,8 @@ def batch_norm_jvp(x, gamma, dx, dgamma=None, dbeta=None, *, axis: int = 1, eps:
     eps = positive_eps(eps)
     channels = x.shape[axis]
     gamma = per_channel(gamma, "gamma", channels).astype(ACCUMULATOR)
-    count, mean, var = moments(x, axis=axis)
-    if np.any(count <= 1):
-        raise ValueError(f"training needs more than one value per channel, got {int(np.min(count))}")
-    shape = channel_shape(x.ndim, axis)
-    inv_sigma, _ = inference_affine(mean, var, eps=eps)
-    x_hat = (x.astype(ACCUMULATOR) - mean.reshape(shape)) * inv_sigma.reshape(shape)
+    count, inv_sigma, x_hat = _batch_normalized(x, axis, eps)
+    shape = inv_sigma.shape
     tangents = [
         None if t is None else per_channel(t, name, channels).astype(ACCUMULATOR).reshape(shape)
         for t, name in ((dgamma, "dgamma"), (dbeta, "dbeta"))
@@ -248,9 +257,9 @@ def batch_norm_jvp(x, gamma, dx, dgamma=None, dbeta=None, *, axis: int = 1, eps:
     dy = batch_norm_tangent(
         dx.astype(ACCUMULATOR),
         x_hat,
-        inv_sigma.reshape(shape),
+        inv_sigma,
         reduction_axes(x.ndim, axis),
-        count=count.reshape(shape),
+        count=count,
         gamma=gamma.reshape(shape),
         dgamma=tangents[0],
         dbeta=tangents[1],
@@ -318,14 +327,9 @@ def batch_norm_backward(dy, x, gamma, *, axis: int = 1, eps: float = 1e-5) -> tu
     if values_per_channel(x, axis) == 0:
         zeros = np.zeros(x.shape[axis], ACCUMULATOR)
         return np.zeros_like(x), zeros, zeros.copy()
-    count, mean, var = moments(x, axis=axis)
-    if np.any(count <= 1):
-        raise ValueError(f"training needs more than one value per channel, got {int(np.min(count))}")
+    count, inv_sigma, x_hat = _batch_normalized(x, axis, eps)
+    scale = gamma.reshape(inv_sigma.shape) * inv_sigma
     axes = reduction_axes(x.ndim, axis)
-    shape = channel_shape(x.ndim, axis)
-    inv_sigma, _ = inference_affine(mean, var, eps=eps)
-    x_hat = (x.astype(ACCUMULATOR) - mean.reshape(shape)) * inv_sigma.reshape(shape)
-    scale = (gamma * inv_sigma).reshape(shape)
-    dx, dgamma, dbeta = backward_closed_form(dy.astype(ACCUMULATOR), x_hat, scale, axes, count=count.reshape(shape))
+    dx, dgamma, dbeta = backward_closed_form(dy.astype(ACCUMULATOR), x_hat, scale, axes, count=count)
     dgamma, dbeta = dgamma.reshape(-1), dbeta.reshape(-1)
     return dx.astype(x.dtype), dgamma, dbeta
