@@ -91,10 +91,9 @@ def _namespace_for(*tensors: Tensor | None) -> spec.arrays.Namespace:
     """
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _TORCH
-    functorch = torch._C._functorch
-    for t in tensors:  # a loop, not any(generator): this runs on every step
-        if t is not None and (functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)):
-            return _TORCH
+    # the very test _may_overwrite makes per op (its compile case is settled above)
+    if spec.arrays._functorch_wrapped(torch, [t for t in tensors if t is not None]):
+        return _TORCH
     return _TORCH_PLAIN
 
 
