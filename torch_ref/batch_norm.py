@@ -352,30 +352,29 @@ def update_running_stats_(
     """
     conv, converted, counter = _update_rule(momentum, convention)
     statistics = (running_mean, running_var, batch_mean, batch_var)
-    if _host_arrays(statistics):
-        # spec's NumPy reference itself, on the buffers' host memory: the same float64 operations as the torch
-        # ops below (IEEE, rounded to the buffers' dtype once by copy_), at ~0.5 us per operation on C values
-        # instead of ATen's ~2-3 us dispatch (the torch form was a third of a small BN layer's training step).
-        old_mean, old_var, mean64, var64 = (t.numpy().astype(np.float64) for t in statistics)
-        batches_before = None
-        if counter:
-            assert num_batches_tracked is not None, f"convention {convention!r} needs num_batches_tracked"
-            batches_before = int(num_batches_tracked) - 1  # the caller counted this batch
-        weight = spec.new_value_weight(conv, converted, batches_before)
-        var_in = spec.variance_for_update(conv, var64, float(count))
-        # no torch.no_grad() needed: neither side requires grad (checked above), so copy_ records nothing
-        running_mean.copy_(torch.from_numpy(spec.moving_average(old_mean, mean64, weight)))
-        running_var.copy_(torch.from_numpy(spec.moving_average(old_var, var_in, weight)))
-        return
+    # On plain CPU tensors, spec's NumPy reference itself on the buffers' host memory: the same float64 operations
+    # as torch's (IEEE, rounded to the buffers' dtype once by copy_), at ~0.5 us per operation on C values instead
+    # of ATen's ~2-3 us dispatch (the torch form was a third of a small BN layer's training step). Else torch ops,
+    # which a graph capture records.
+    host = _host_arrays(statistics)
+    xp = np if host else _TORCH
     with torch.no_grad():  # the batch statistics are non-differentiable outputs: nothing to detach
-        var_in = spec.variance_for_update(conv, batch_var.to(torch.float64), float(count), xp=_TORCH)
+        old_mean, old_var, mean64, var64 = (_float64(t, host) for t in statistics)
         batches_before = None
         if counter:
             assert num_batches_tracked is not None, f"convention {convention!r} needs num_batches_tracked"
-            batches_before = num_batches_tracked.to(torch.float64) - 1.0  # the caller counted this batch
-        weight = spec.new_value_weight(conv, converted, batches_before, xp=_TORCH)
-        running_mean.copy_(spec.moving_average(running_mean.to(torch.float64), batch_mean.to(torch.float64), weight))
-        running_var.copy_(spec.moving_average(running_var.to(torch.float64), var_in, weight))
+            # the caller counted this batch; off the host a tensor, so a captured graph reads the counter each run
+            batches_before = int(num_batches_tracked) - 1 if host else num_batches_tracked.to(torch.float64) - 1.0
+        weight = spec.new_value_weight(conv, converted, batches_before, xp=xp)
+        var_in = spec.variance_for_update(conv, var64, float(count), xp=xp)
+        for buffer, old, new in ((running_mean, old_mean, mean64), (running_var, old_var, var_in)):
+            average = spec.moving_average(old, new, weight)
+            buffer.copy_(torch.from_numpy(average) if host else average)
+
+
+def _float64(t: Tensor, host: bool):
+    """``t`` in float64: a NumPy copy of its host memory, or a torch tensor."""
+    return t.numpy().astype(np.float64) if host else t.to(torch.float64)
 
 
 #: dtypes NumPy holds as they are (it has no bfloat16)
