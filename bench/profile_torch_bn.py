@@ -69,13 +69,20 @@ def layer_step(module: type, shape: tuple[int, ...] = (64, 64, 56, 56)):
     return step
 
 
-def profile_step(step, steps: int, numel: int) -> dict:
-    """ATen ops per step, x-sized allocations per step (outputs of ``numel`` elements) and per-op self-CPU (ms)."""
-    for _ in range(3):  # warm-up: allocator, lazy initialization
+def _profiled(step, steps: int, **options) -> profile:
+    """torch.profiler's record of ``steps`` calls of ``step`` after 3 unrecorded ones (allocator, lazy initialization);
+    ``options`` go to ``torch.profiler.profile``."""
+    for _ in range(3):
         step()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], **options) as prof:
         for _ in range(steps):
             step()
+    return prof
+
+
+def profile_step(step, steps: int, numel: int) -> dict:
+    """ATen ops per step, x-sized allocations per step (outputs of ``numel`` elements) and per-op self-CPU (ms)."""
+    prof = _profiled(step, steps, profile_memory=True)
     per_op = {}
     for event in prof.key_averages():
         per_op[event.key] = (event.count / steps, event.self_cpu_time_total / steps / 1e3)
@@ -109,11 +116,7 @@ def trivial_op_us() -> float:
 def split_step(step, numel: int, steps: int = 20) -> dict:
     """ATen ops per step split into x-sized (an input of ``numel`` elements: an arithmetic pass) and per-channel,
     with their self-CPU time per step (us, under the profiler)."""
-    for _ in range(3):
-        step()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(steps):
-            step()
+    prof = _profiled(step, steps, record_shapes=True)
     split = {"x_sized": [0, 0.0], "per_channel": [0, 0.0]}
     for event in prof.events():
         if not event.name.startswith("aten::") or (event.cpu_parent and event.cpu_parent.name.startswith("aten::")):

@@ -294,12 +294,7 @@ def _jax_child(shape) -> dict:
             return y, *pullback(dy), new_stats
 
         compiled = jax.jit(train_step).lower(trainable, non_trainable, x, dy).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        result[variant] = passes(compiled.as_text(), _hlo_shape(shape)) | {
-            "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-            "flops": float(cost.get("flops", 0.0)),
-        }
+        result[variant] = passes(compiled.as_text(), _hlo_shape(shape)) | _cost_fields(compiled.cost_analysis())
     return result
 
 
@@ -331,7 +326,12 @@ def _xla_cost_analysis(hlo: str) -> dict:
     except ImportError:
         return {}
     module = xla_client.hlo.hlo_module_from_text(hlo)
-    cost = xla_client._xla.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+    return _cost_fields(xla_client._xla.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module))
+
+
+def _cost_fields(cost) -> dict:
+    """XLA's ``HloCostAnalysis`` (a dict, or JAX's one-element list of it) as recorded here: bytes accessed, flops."""
+    cost = cost[0] if isinstance(cost, list) else cost
     return {"bytes_accessed": float(cost.get("bytes accessed", 0.0)), "flops": float(cost.get("flops", 0.0))}
 
 
@@ -394,12 +394,7 @@ def _jax_lenet_child(args) -> dict:
         state = tuple([v.value for v in variables] for variables in (*owners, model.metrics_variables))
         lowered = jax.jit(model.train_step, donate_argnums=0).lower(state, (images, labels, None))
         compiled = lowered.compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        result[variant] = program(compiled.as_text()) | {
-            "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-            "flops": float(cost.get("flops", 0.0)),
-        }
+        result[variant] = program(compiled.as_text()) | _cost_fields(compiled.cost_analysis())
     return result
 
 
