@@ -49,6 +49,7 @@ call with the train/eval mode of tracing baked in (torch.nn's BN is an fx leaf m
 traced like user code).
 """
 
+import contextlib
 import functools
 import math
 import numbers
@@ -358,8 +359,9 @@ def update_running_stats_(
     # which a graph capture records.
     host = _host_arrays(statistics)
     xp = np if host else _TORCH
-    with torch.no_grad():  # the batch statistics are non-differentiable outputs: nothing to detach
-        old_mean, old_var, mean64, var64 = (_float64(t, host) for t in statistics)
+    # NumPy records nothing; torch ops on the buffers must not (the batch statistics are non-differentiable outputs)
+    with contextlib.nullcontext() if host else torch.no_grad():
+        old_mean, old_var, mean64, var64 = [_float64(t, host) for t in statistics]
         batches_before = None
         if counter:
             assert num_batches_tracked is not None, f"convention {convention!r} needs num_batches_tracked"
@@ -369,7 +371,15 @@ def update_running_stats_(
         var_in = spec.variance_for_update(conv, var64, float(count), xp=xp)
         for buffer, old, new in ((running_mean, old_mean, mean64), (running_var, old_var, var_in)):
             average = spec.moving_average(old, new, weight)
-            buffer.copy_(torch.from_numpy(average) if host else average)
+            if host and buffer.dtype in _HOST_WRITE_DTYPES:  # rounded once to the buffer's dtype, as copy_ rounds
+                np.copyto(buffer.numpy(), average, casting="same_kind")
+            else:
+                buffer.copy_(torch.from_numpy(average) if host else average)
+
+
+#: buffers NumPy writes in place with torch's rounding (float64 -> float32 is IEEE round-to-nearest in both; torch
+#: rounds float64 -> float16 through float32, NumPy directly, so half buffers keep copy_)
+_HOST_WRITE_DTYPES = (torch.float32, torch.float64)
 
 
 def _float64(t: Tensor, host: bool):
