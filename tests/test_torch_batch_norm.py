@@ -516,6 +516,35 @@ def test_traced_update_records_torch_ops_with_the_eager_bits(
         assert torch.equal(getattr(traced, name), getattr(eager, name)), name
 
 
+def _double_rounding_variance(count: int) -> float:
+    """A float32 batch variance whose Bessel-corrected value ``v * count / (count - 1)`` (float64) lies so close
+    above a float16 halfway point that rounding it to float16 directly and through float32 differ."""
+    steps = np.arange(-3000, 3000, dtype=np.float32) * np.float32(2.0**-14)  # float32 spacing just below 1024
+    for v in np.float32(1024.5 * (count - 1) / count) + steps:
+        unbiased = float(v) * count / (count - 1)
+        if np.float16(unbiased) != np.float16(np.float32(unbiased)):
+            return float(v)
+    raise AssertionError(f"no float32 variance near 1024.5 * {count - 1} / {count} rounds differently")
+
+
+def test_host_update_rounds_half_buffers_as_torch_does() -> None:
+    """float16 buffers on the host path: the float64 average is rounded as torch's ``copy_`` rounds it (through
+    float32), not as NumPy's direct float64 -> float16 conversion would. Oracle: torch's own conversion of the
+    hand-computed average (momentum 1: the buffer becomes the unbiased batch variance), on a value chosen so
+    that the two roundings differ."""
+    count = 7
+    var = _double_rounding_variance(count)
+    unbiased = var * count / (count - 1)
+    bn = torch_ref.BatchNorm1d(1, momentum=1.0).half()
+    bn.num_batches_tracked.add_(1)  # the caller counts the batch first, as the module's forward does
+    torch_ref.batch_norm.update_running_stats_(
+        bn.running_mean, bn.running_var, bn.num_batches_tracked, torch.zeros(1), torch.tensor([var]), count, 1.0
+    )
+    expected = torch.tensor([unbiased], dtype=torch.float64).to(torch.float16)
+    assert float(np.float16(unbiased)) != float(expected[0])  # the case tells the two roundings apart
+    assert torch.equal(bn.running_var, expected)
+
+
 def _plain_namespace_seen(run) -> bool:
     """Whether torch_ref lets spec skip its per-op in-place checks for a tensor inside ``run(probe)``."""
     seen = []
