@@ -20,7 +20,9 @@ layer is local. The backward rebuilds x_hat from the saved input and statistics;
 ``create_graph=True`` it recomputes the statistics from x with differentiable ops, so second
 derivatives are exact (``gradgradcheck``). The forward-mode derivative (jvp) is ``spec.batch_norm_tangent``.
 ``batch_norm_train`` takes the channels at any ``channel_dim`` (Keras' torch backend trains channels_last
-with it), read in place.
+with it), read in place. Eagerly on CPU (no autograd recording inside the step, no graph capture), the local
+step's forward and backward replay spec's op sequence as recorded once per configuration (``torch_ref._replay``:
+TorchScript's interpreter runs the same kernels in the same order, the same bits, without the Python between them).
 
 The moving statistics follow ``spec.update_running_stats`` in the layer's ``convention`` (default
 "torch": weight ``momentum`` on the new value, Bessel-corrected (unbiased) variance,
@@ -62,6 +64,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 import spec
 import spec.arrays
+from torch_ref import _replay
 
 
 def _channel_shape(x: Tensor, channel_dim: int = 1) -> list[int]:
@@ -139,8 +142,46 @@ def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+#: spec's op sequences of the local training step, recorded per configuration (torch_ref._replay)
+_REPLAYS = _replay.Recorder()
+
+
 def _training_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any, channel_dim: int
+) -> tuple[Tensor, ...]:
+    """:func:`_spec_training_forward`, replayed where its configuration has been recorded (torch_ref._replay)."""
+    xp = _namespace_for(x, weight, bias)
+    if all_reduce_sum is None and xp is _TORCH_PLAIN and _replay.allowed(x):
+        has_weight, has_bias = weight is not None, bias is not None
+        tensors = [t for t in (x, weight, bias) if t is not None]
+
+        def recorded(*tensors: Tensor) -> tuple[Tensor, ...]:
+            parameters = iter(tensors[1:])
+            weight = next(parameters) if has_weight else None
+            bias = next(parameters) if has_bias else None
+            return _spec_training_forward(tensors[0], weight, bias, eps, None, channel_dim, _replay.RECORDING)
+
+        # everything the recorded Python reads: the constants, the tensors' layouts and dtypes (a parameter in
+        # another dtype is cast: one more op) and which parameters exist
+        key = ("forward", eps, channel_dim, x.shape, x.stride(), x.dtype, _layout(weight), _layout(bias))
+        replay = _REPLAYS(key, recorded, tensors)
+        if replay is not None:
+            return replay(*tensors)
+    return _spec_training_forward(x, weight, bias, eps, all_reduce_sum, channel_dim, xp)
+
+
+def _layout(t: Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype)
+
+
+def _spec_training_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    all_reduce_sum: Any,
+    channel_dim: int,
+    xp: spec.arrays.Namespace,
 ) -> tuple[Tensor, ...]:
     """``(y, mean, var, inv_sigma, scale)``, plus ``count`` when synchronized; statistics keepdims, y by spec's
     affine map. ``scale = gamma * inv_sigma`` (``inv_sigma`` itself without gamma) goes to the backward, which
@@ -152,7 +193,6 @@ def _training_forward(
     is the statistics' own temporary, reused for y (autograd does not record inside the Function). A local
     count is x's shape, known to every caller: no tensor is made for it.
     """
-    xp = _namespace_for(x, weight, bias)
     stats, centered = _statistics(x, all_reduce_sum, return_centered=True, channel_dim=channel_dim, xp=xp)
     scale, offset, inv_sigma = spec.inference_affine(
         stats.delta,
@@ -222,22 +262,52 @@ class _BatchNormTrain(torch.autograd.Function):
             scale = inv_sigma if weight is None else _keepdims(weight, x, ctx.channel_dim) * inv_sigma
         elif ctx.all_reduce_sum is None:  # local: the count is x's shape, a Python number (no tensor op)
             count = xp.values_per_channel(x, dims)
-        dx, dgamma, dbeta = spec.backward_coefficient_form(
-            dy,
-            xp.subtract(x, mean),
-            inv_sigma,
-            scale,
-            dims,
-            count=count,
-            all_reduce_sum=_spec_all_reduce_sum(ctx.all_reduce_sum),
-            xp=xp,
-            overwrite_centered=True,  # x - mean is ours; torch reuses it for dx unless autograd records
-            x=x,
-            mean=mean,
-        )
-        dweight = _as(dgamma.view(-1), weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = _as(dbeta.view(-1), ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return dx if ctx.needs_input_grad[0] else None, dweight, dbias, None, None, None
+            if xp is _TORCH_PLAIN and _replay.allowed(x):
+                dims_, count_, channel_dim = dims, count, ctx.channel_dim
+
+                def recorded(dy: Tensor, x: Tensor, mean: Tensor, inv_sigma: Tensor, scale: Tensor):
+                    return _spec_backward(dy, x, mean, inv_sigma, scale, dims_, count_, None, _replay.RECORDING)
+
+                key = ("backward", x.shape, x.stride(), x.dtype, dy.shape, dy.stride(), dy.dtype, channel_dim)
+                replay = _REPLAYS(key, recorded, [dy, x, mean, inv_sigma, scale])
+                if replay is not None:
+                    return _gradients(ctx, weight, *replay(dy, x, mean, inv_sigma, scale))
+        dx, dgamma, dbeta = _spec_backward(dy, x, mean, inv_sigma, scale, dims, count, ctx.all_reduce_sum, xp)
+        return _gradients(ctx, weight, dx, dgamma, dbeta)
+
+
+def _spec_backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    inv_sigma: Tensor,
+    scale: Tensor,
+    dims: list[int],
+    count: Any,
+    all_reduce_sum: Any,
+    xp: spec.arrays.Namespace,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dgamma, dbeta)`` by ``spec.backward_coefficient_form`` (dgamma, dbeta keepdims)."""
+    return spec.backward_coefficient_form(
+        dy,
+        xp.subtract(x, mean),
+        inv_sigma,
+        scale,
+        dims,
+        count=count,
+        all_reduce_sum=_spec_all_reduce_sum(all_reduce_sum),
+        xp=xp,
+        overwrite_centered=True,  # x - mean is ours; torch reuses it for dx unless autograd records
+        x=x,
+        mean=mean,
+    )
+
+
+def _gradients(ctx, weight: Tensor | None, dx: Tensor, dgamma: Tensor, dbeta: Tensor) -> tuple:
+    """``_BatchNormTrain.backward``'s return: the gradients its inputs need, parameters' in their own dtypes."""
+    dweight = _as(dgamma.view(-1), weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+    dbias = _as(dbeta.view(-1), ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+    return dx if ctx.needs_input_grad[0] else None, dweight, dbias, None, None, None
 
 
 class _BatchNormTrainWithJvp(_BatchNormTrain):
