@@ -18,6 +18,11 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 __all__ = [
     "CONFIDENCE",
     "PARITY",
@@ -34,24 +39,41 @@ PARITY = "PARITY (within noise)"
 
 
 def interleaved_rounds(
-    variants: Mapping[str, Callable[[], object]], repeats: int, warmup: int
+    variants: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    *,
+    page_faults: dict[str, list[int]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each variant over ``repeats`` rounds, after ``warmup`` untimed rounds.
 
-    Each callable must return only after its work is done (synchronize on an output inside it).
+    Each callable must return only after its work is done (synchronize on an output inside it). ``page_faults``
+    (a dict, filled in): the process's minor page faults during each timed call, per variant. Why: where the C
+    allocator hands memory back to the OS and takes it again, first touches of the same buffers cost ~1-2 us per
+    4 KiB page, which can move a variant's time by tens of percent depending on what else ran in the process.
     """
     names = list(variants)
     for _ in range(warmup if repeats > 0 else 0):
         for name in names:
             variants[name]()
     seconds: dict[str, list[float]] = {name: [] for name in names}
+    if page_faults is not None:
+        page_faults.update({name: [] for name in names})
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            faults = _minor_faults()
             start = time.perf_counter()
             variants[name]()
             seconds[name].append(time.perf_counter() - start)
+            if page_faults is not None:
+                page_faults[name].append(_minor_faults() - faults)
     return seconds
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (every thread; 0 where ``resource`` is missing, as on Windows)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:

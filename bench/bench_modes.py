@@ -340,8 +340,15 @@ def child_main(args) -> int:
     build = {"tensorflow": _tensorflow_child, "jax": _jax_child, "torch": _torch_child}[args.child]
     workloads, about = build(args)
     repeats = {"layer": args.repeats, "lenet-bn": args.lenet_repeats, "lenet": args.lenet_repeats}
-    seconds = {name: interleaved_rounds(workloads[name], repeats[name], args.warmup) for name in args.workloads}
-    print(_JSON_MARK + json.dumps({"backend": args.child, "seconds": seconds, **about}), flush=True)
+    faults = {name: {} for name in args.workloads}
+    seconds = {
+        name: interleaved_rounds(workloads[name], repeats[name], args.warmup, page_faults=faults[name])
+        for name in args.workloads
+    }
+    print(
+        _JSON_MARK + json.dumps({"backend": args.child, "seconds": seconds, "minor_faults": faults, **about}),
+        flush=True,
+    )
     return 0
 
 
@@ -375,11 +382,22 @@ def run_child(backend: str, argv: list[str], isa: str = "native") -> dict:
     return json.loads(lines[-1][len(_JSON_MARK) :])
 
 
-def _row(workload: str, key: str, seconds: list[float], per: int, moved_bytes: int, bandwidth: float) -> dict:
-    """Median and quartiles per step (``per`` steps per timed call); GB/s over ``moved_bytes`` if given."""
+def _row(
+    workload: str,
+    key: str,
+    seconds: list[float],
+    per: int,
+    moved_bytes: int,
+    bandwidth: float,
+    faults: list[int] | None = None,
+) -> dict:
+    """Median and quartiles per step (``per`` steps per timed call); GB/s over ``moved_bytes`` if given; the median
+    of the process's minor page faults per step where ``faults`` (per timed call) were counted."""
     mode, variant = key.split("|")
     stats = {name: value / per for name, value in spread(seconds).items()}
     row = {"workload": workload, "mode": mode, "variant": variant, **{f"{k}_ms": 1e3 * v for k, v in stats.items()}}
+    if faults:
+        row["minor_faults_per_step"] = statistics.median(faults) / per
     if moved_bytes:
         row["gb_per_s"] = moved_bytes / stats["median"] / 1e9
         row["fraction_of_bandwidth"] = row["gb_per_s"] / bandwidth
@@ -392,17 +410,23 @@ def assemble(children: list[dict], args, bandwidth: dict, load_average: list[flo
     layer_bytes = BN_PASSES * n * h * w * c * 4
     lenet_bn_bytes = BN_PASSES * 4 * sum(math.prod(shape) for shape in lenet_bn_shapes(args.batch))
     seconds = {workload: {} for workload in WORKLOADS}
+    faults = {workload: {} for workload in WORKLOADS}
     for child in children:
         for workload, timings in child["seconds"].items():
             seconds[workload].update(timings)
+        for workload, counts in child.get("minor_faults", {}).items():
+            faults[workload].update(counts)
     rows = []
     for key, values in seconds["layer"].items():
-        rows.append(_row("layer", key, values, 1, layer_bytes, bandwidth["gb_per_s"]))
+        rows.append(_row("layer", key, values, 1, layer_bytes, bandwidth["gb_per_s"], faults["layer"].get(key)))
     for key, values in seconds["lenet-bn"].items():
-        rows.append(_row("lenet-bn", key, values, args.lenet_steps, lenet_bn_bytes, bandwidth["gb_per_s"]))
+        per = args.lenet_steps
+        rows.append(
+            _row("lenet-bn", key, values, per, lenet_bn_bytes, bandwidth["gb_per_s"], faults["lenet-bn"].get(key))
+        )
     alone = {(r["mode"], r["variant"]): r["median_ms"] for r in rows if r["workload"] == "lenet-bn"}
     for key, values in seconds["lenet"].items():
-        row = _row("lenet", key, values, args.lenet_steps, 0, bandwidth["gb_per_s"])
+        row = _row("lenet", key, values, args.lenet_steps, 0, bandwidth["gb_per_s"], faults["lenet"].get(key))
         row["samples_per_s"] = 1e3 * args.batch / row["median_ms"]
         if (row["mode"], row["variant"]) in alone:
             # an estimate, not a measurement of BN inside the step: the layers alone, in a function of their own
@@ -468,7 +492,12 @@ def assemble(children: list[dict], args, bandwidth: dict, load_average: list[flo
         "rows": rows,
         "goals": goals,
         "seconds": seconds,
+        "minor_faults": faults,
     }
+
+
+def _faults(row: dict) -> str:
+    return f"{row['minor_faults_per_step']:.0f}" if "minor_faults_per_step" in row else "-"
 
 
 def print_table(result: dict) -> None:
@@ -488,11 +517,11 @@ def print_table(result: dict) -> None:
     if settings["smoke"]:
         print(f"SMOKE RUN: fewer than {MIN_REPEATS} rounds, not a result")
     print(f"\nlayer step {shape} float32, fwd+bwd+update; GB/s over {result['layer_bytes_moved'] / 1e6:.3g} MB moved")
-    print(f"{'mode':12s} {'variant':10s} {'median ms':>10s} {'IQR ms':>9s} {'GB/s':>7s} {'of bw':>6s}")
+    print(f"{'mode':12s} {'variant':10s} {'median ms':>10s} {'IQR ms':>9s} {'GB/s':>7s} {'of bw':>6s} {'faults':>7s}")
     for r in (r for r in result["rows"] if r["workload"] == "layer"):
         print(
             f"{r['mode']:12s} {r['variant']:10s} {r['median_ms']:10.2f} {r['iqr_ms']:9.2f} "
-            f"{r['gb_per_s']:7.1f} {r['fraction_of_bandwidth']:6.0%}"
+            f"{r['gb_per_s']:7.1f} {r['fraction_of_bandwidth']:6.0%} {_faults(r):>7s}"
         )
     shapes = ", ".join("x".join(map(str, s)) for s in result["lenet_bn_shapes"])
     print(
@@ -500,19 +529,27 @@ def print_table(result: dict) -> None:
         f"{settings['lenet_steps']} calls per timed call; GB/s over {result['lenet_bn_bytes_moved'] / 1e6:.3g} MB "
         "(cache-resident: the floor does not apply)"
     )
-    print(f"{'mode':12s} {'variant':10s} {'ms/call':>10s} {'IQR ms':>9s} {'GB/s':>7s}")
+    print(f"{'mode':12s} {'variant':10s} {'ms/call':>10s} {'IQR ms':>9s} {'GB/s':>7s} {'faults':>7s}")
     for r in (r for r in result["rows"] if r["workload"] == "lenet-bn"):
-        print(f"{r['mode']:12s} {r['variant']:10s} {r['median_ms']:10.3f} {r['iqr_ms']:9.3f} {r['gb_per_s']:7.1f}")
+        print(
+            f"{r['mode']:12s} {r['variant']:10s} {r['median_ms']:10.3f} {r['iqr_ms']:9.3f} {r['gb_per_s']:7.1f} "
+            f"{_faults(r):>7s}"
+        )
     print(f"\nLeNet-BN training, batch {settings['batch']}, {settings['lenet_steps']} steps per timed call")
-    print(f"{'mode':12s} {'variant':10s} {'ms/step':>10s} {'IQR ms':>9s} {'samples/s':>10s} {'BN alone/step':>13s}")
+    head = f"{'mode':12s} {'variant':10s} {'ms/step':>10s} {'IQR ms':>9s} {'samples/s':>10s} {'BN alone/step':>13s}"
+    print(f"{head} {'faults':>7s}")
     for r in (r for r in result["rows"] if r["workload"] == "lenet"):
         share = f"{r['bn_alone_share']:13.0%}" if "bn_alone_share" in r else f"{'-':>13s}"
         print(
             f"{r['mode']:12s} {r['variant']:10s} {r['median_ms']:10.2f} {r['iqr_ms']:9.2f} "
-            f"{r['samples_per_s']:10.0f} {share}"
+            f"{r['samples_per_s']:10.0f} {share} {_faults(r):>7s}"
         )
     if any("bn_alone_share" in r for r in result["rows"]):
         print("BN alone/step: the lenet-bn call's median over the LeNet step's; an estimate of BN's share")
+    print(
+        "faults: the process's minor page faults per step (median): memory the C allocator returned to the OS and "
+        "touched again, which moves a variant's time with what else ran in the process"
+    )
     print(f"\n{'workload':8s} {'claim':45s} {'ratio':>6s} {'95% interval':>13s} {'goal':>6s}  verdict")
     for g in result["goals"]:
         limit = "-" if g["goal"] is None else f"<={g['goal']:.2f}"

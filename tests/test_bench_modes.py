@@ -44,6 +44,13 @@ def test_bench_modes_assembles_every_tensorflow_row_and_its_goals_from_a_capped_
     for r in (r for r in result["rows"] if r["workload"] == "lenet"):
         alone = medians["lenet-bn", r["mode"], r["variant"]]
         assert r["bn_alone_share"] == pytest.approx(alone / r["median_ms"], rel=1e-12)
+    # Minor page faults per step: the median over the timed calls of the raw counts, per step of the call
+    per_call = {"layer": 1, "lenet-bn": 1, "lenet": 1}  # --lenet-steps 1
+    for r in result["rows"]:
+        counts = result["minor_faults"][r["workload"]][f"{r['mode']}|{r['variant']}"]
+        assert len(counts) == 2 and all(isinstance(c, int) and c >= 0 for c in counts)
+        assert r["minor_faults_per_step"] == statistics.median(counts) / per_call[r["workload"]]
+    assert "faults" in done.stdout
     # Without the torch child only the ours-vs-Keras goals exist; each is the median of its per-round ratios.
     assert [g["claim"] for g in result["goals"]] == [
         f"ours / Keras' layer, {mode}" for _ in workloads for mode in ("tf.function", "tf xla")

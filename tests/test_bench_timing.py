@@ -1,4 +1,4 @@
-"""bench/_timing.py's verdicts under noise, on fixed numbers (nothing here times anything).
+"""bench/_timing.py's verdicts under noise, on fixed numbers (nothing here asserts a time).
 
 Oracles: order statistics and binomial coverages derived by hand in the comments, scipy's binomial distribution,
 and the coverage of the intervals over seeded samples whose true median is known.
@@ -7,6 +7,7 @@ and the coverage of the intervals over seeded samples whose true median is known
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from _timing import PARITY, median_interval, ratio_interval, verdict  # noqa: E402  (bench/_timing.py)
+from _timing import PARITY, interleaved_rounds, median_interval, ratio_interval, verdict  # noqa: E402  (bench/_timing.py)
 
 
 @pytest.mark.parametrize(
@@ -94,3 +95,20 @@ def test_a_median_ratio_of_1_003_with_wide_rounds_is_parity_not_a_miss():
     ratios = [0.80, 0.95, 1.003, 1.27, 1.01, 0.99, 1.08]
     low, high, _ = ratio_interval(ratios, [1.0] * 7, paired=True)
     assert verdict(low, high, 1.00) == PARITY
+
+
+def test_interleaved_rounds_counts_the_page_faults_of_each_timed_call():
+    """A variant that touches fresh pages each call shows them; one that allocates nothing does not. The count is
+    the kernel's own (getrusage); the oracle is the number of pages touched by hand."""
+    # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB on 64-bit), so every call maps fresh pages
+    pages = 16384
+
+    def fresh_pages():
+        return len(bytearray(pages * 4096))  # fresh pages from the OS, which bytearray zero-fills: all touched
+
+    faults: dict[str, list[int]] = {}
+    seconds = interleaved_rounds({"fresh": fresh_pages, "none": lambda: None}, repeats=5, warmup=1, page_faults=faults)
+    assert set(faults) == set(seconds) == {"fresh", "none"}
+    assert [len(counts) for counts in faults.values()] == [5, 5]
+    assert statistics.median(faults["fresh"]) >= pages // 2  # transparent huge pages could lower it, not to 0
+    assert statistics.median(faults["none"]) < 16

@@ -361,8 +361,8 @@ def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
     lines += [
         "| mode | variant | layer step, median ms (IQR) | GB/s (% of copy) | "
         f"LeNet-BN's 4 BN layers alone, ms/call (IQR) | LeNet-BN batch {settings['batch']}, ms/step (IQR) | "
-        "samples/s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "samples/s | LeNet-BN page faults/step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, variant in dict.fromkeys((r["mode"], r["variant"]) for r in bench["rows"]):
         cells = [mode, variant]
@@ -382,8 +382,13 @@ def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
             if lenet
             else ["", ""]
         )
+        cells.append(f"{lenet['minor_faults_per_step']:.0f}" if lenet and "minor_faults_per_step" in lenet else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
+        "",
+        "Page faults: the process's minor page faults per LeNet step (median), memory the C allocator gave back to "
+        "the OS and touched again; they move a variant's time with what else ran in the process, so a ratio between "
+        "variants with very different counts depends on the allocator's state as well as on the code.",
         "",
         "Each ratio has a 95% distribution-free interval (order statistics of the per-round ratios; for a ratio of "
         "medians, of each median; `bench/_timing.py`). PASS: the whole interval meets the goal; MISS: none of it "
