@@ -139,16 +139,20 @@ class Namespace:
             k *= 2
         if k * channels < _WIDE_ROW // 4:  # too few rows divide evenly: not worth a copy of the vectors
             return None
-        width, tiled = k * channels, []
+        whole = []  # every operand is checked before any view is made: a refusal costs no ATen call
         for operand in operands:
             if operand.shape == shape and operand.is_contiguous():
-                tiled.append(operand.view(-1, width))
+                whole.append(True)
             elif operand.numel() == channels and operand.dim() <= x.dim() and operand.shape[-1] == channels:
-                # expand + reshape: one copy, 10 ATen calls where repeat makes 31 (5 vs 10 us)
-                tiled.append(operand.reshape(1, channels).expand(k, channels).reshape(k * channels))
-            else:
+                whole.append(False)
+            else:  # e.g. NCHW x, whose last dim is a width, with a (1, C, 1, 1) vector
                 return None
-        return tiled
+        width = k * channels
+        return [
+            # a vector: expand + reshape, one copy, 10 ATen calls where repeat makes 31 (5 vs 10 us)
+            operand.view(-1, width) if is_whole else operand.reshape(1, channels).expand(k, channels).reshape(width)
+            for operand, is_whole in zip(operands, whole, strict=True)
+        ]
 
     def _may_overwrite(self, target, operands) -> bool:
         """torch: whether ``target`` may be written in place with the broadcast of ``operands``."""

@@ -355,6 +355,18 @@ def test_plain_torch_namespace_gives_the_bits_of_the_checked_one_on_channels_las
         assert torch.equal(into_b, checked.multiply_add(x, a, dy.clone(), overwrite="b"))
 
 
+def test_tiling_refused_for_a_channels_first_vector_makes_no_view():
+    """NCHW x whose last dim (a width, 8) is below the tiling width, with a (1, C, 1, 1) vector: not tileable, and
+    deciding so must not cost ATen calls (views of x made and dropped were 2 per step per such op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    plain = spec.arrays.Namespace(torch, plain_tensors=True)
+    x, vector = torch.ones(64, 16, 8, 8), torch.ones(1, 16, 1, 1)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        assert plain._channel_tiles(x, (x, vector)) is None
+    assert [event.name for event in prof.events() if event.name.startswith("aten::")] == []
+
+
 @pytest.mark.parametrize("name", NAMESPACES)
 def test_variance_for_update_takes_a_python_count(name):
     xp, tensor = NAMESPACES[name]
