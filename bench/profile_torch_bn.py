@@ -11,6 +11,8 @@ microseconds on a CPU, whatever else runs), the number of x-sized allocations, a
   the step's time split by where it goes: ATen ops that touch x-sized data (the arithmetic passes), ATen ops on
   per-channel vectors (dispatch, almost no arithmetic), and the rest (Python, the autograd Function and engine),
   next to ``floor``: the op count times this machine's cost of one trivial ATen op on a per-channel vector.
+  torch_ref runs twice: as it trains (its step replayed by TorchScript, torch_ref._replay) and op by op (replays
+  off), which shows what the replay saves.
 
     python bench/profile_torch_bn.py                       # every workload, top 12 ops each
     python bench/profile_torch_bn.py --workloads lenet --top 30 --steps 20
@@ -113,20 +115,56 @@ def trivial_op_us() -> float:
     return median_step_us(lambda: a * b, calls=2000)
 
 
-def split_step(step, numel: int, steps: int = 20) -> dict:
+def split_step(step, numel: int, steps: int = 20, reference=None) -> dict:
     """ATen ops per step split into x-sized (an input of ``numel`` elements: an arithmetic pass) and per-channel,
-    with their self-CPU time per step (us, under the profiler)."""
-    prof = _profiled(step, steps, record_shapes=True)
+    with their self-CPU time per step (us, under the profiler).
+
+    ``reference``: a step issuing the same ATen ops one at a time from Python, whose recorded input shapes decide
+    each op's kind. Why: ops run by TorchScript's interpreter (torch_ref's replays) are recorded with stale extra
+    input shapes (torch 2.13: ``aten::mul`` of two (1, C) vectors listed with a third, x-sized, shape), so their
+    own records would count per-channel ops as passes. Raises if the two op sequences differ."""
+    events = _top_level_aten(_profiled(step, steps, record_shapes=True))
+    kinds = [_kind(event, numel) for event in events]
+    if reference is not None:
+        expected = _top_level_aten(_profiled(reference, steps, record_shapes=True))
+        if [e.name for e in expected] != [e.name for e in events]:
+            raise RuntimeError("the reference step issues other ATen ops than the step: no kinds to borrow")
+        kinds = [_kind(event, numel) for event in expected]
     split = {"x_sized": [0, 0.0], "per_channel": [0, 0.0]}
-    for event in prof.events():
-        if not event.name.startswith("aten::") or (event.cpu_parent and event.cpu_parent.name.startswith("aten::")):
-            continue  # top-level ATen calls only: an op's own sub-calls are inside its self and child time
-        shapes = [shape for shape in event.input_shapes if isinstance(shape, list)]
-        sizes = [math.prod(shape) for shape in shapes if shape and all(isinstance(d, int) for d in shape)]
-        kind = "x_sized" if numel in sizes else "per_channel"
+    for event, kind in zip(events, kinds, strict=True):
         split[kind][0] += 1
         split[kind][1] += event.cpu_time_total  # the op with its sub-calls (views, copies, allocation)
     return {kind: (count / steps, us / steps) for kind, (count, us) in split.items()}
+
+
+def _top_level_aten(prof: profile) -> list:
+    """Top-level ATen calls only: an op's own sub-calls are inside its self and child time."""
+    return [
+        event
+        for event in prof.events()
+        if event.name.startswith("aten::") and not (event.cpu_parent and event.cpu_parent.name.startswith("aten::"))
+    ]
+
+
+def _kind(event, numel: int) -> str:
+    shapes = [shape for shape in event.input_shapes if isinstance(shape, list)]
+    sizes = [math.prod(shape) for shape in shapes if shape and all(isinstance(d, int) for d in shape)]
+    return "x_sized" if numel in sizes else "per_channel"
+
+
+def op_by_op(step):
+    """``step`` with torch_ref's replays off (torch_ref._replay): spec's formulas issued one ATen op at a time from
+    Python, the same ops in the same order (tests/test_torch_replay.py)."""
+
+    def run() -> None:
+        allowed = torch_ref._replay.allowed
+        torch_ref._replay.allowed = lambda x: False
+        try:
+            step()
+        finally:
+            torch_ref._replay.allowed = allowed
+
+    return run
 
 
 def print_breakdown(threads: int) -> None:
@@ -140,13 +178,14 @@ def print_breakdown(threads: int) -> None:
     totals = {}
     for shape in LENET_BN_SHAPES:
         numel = math.prod(shape)
-        for name, module in (
-            ("torch.nn", batch_norm_class(torch.nn, shape)),
-            ("torch_ref", batch_norm_class(torch_ref, shape)),
+        replayed = layer_step(batch_norm_class(torch_ref, shape), shape)
+        for name, step, reference in (
+            ("torch.nn", layer_step(batch_norm_class(torch.nn, shape), shape), None),
+            ("torch_ref", replayed, op_by_op(replayed)),
+            ("op by op", op_by_op(layer_step(batch_norm_class(torch_ref, shape), shape)), None),
         ):
-            step = layer_step(module, shape)
             wall = median_step_us(step)
-            split = split_step(step, numel)
+            split = split_step(step, numel, reference=reference)
             (x_ops, x_us), (c_ops, c_us) = split["x_sized"], split["per_channel"]
             # the rest: Python, the autograd Function and engine (profiled op times include the profiler's own cost,
             # so this is a lower bound)
@@ -157,7 +196,10 @@ def print_breakdown(threads: int) -> None:
                 f" {c_us:7.1f} {(x_ops + c_ops) * floor:9.1f} {rest:8.1f}"
             )
     ratio = totals["torch_ref"] / totals["torch.nn"]
-    print(f"  four layers: torch.nn {totals['torch.nn']:.0f} us, torch_ref {totals['torch_ref']:.0f} us ({ratio:.2f}x)")
+    print(
+        f"  four layers: torch.nn {totals['torch.nn']:.0f} us, torch_ref {totals['torch_ref']:.0f} us ({ratio:.2f}x); "
+        f"torch_ref op by op (its replays off) {totals['op by op']:.0f} us"
+    )
 
 
 def batch_norm_class(package, shape: tuple[int, ...]) -> type:

@@ -51,3 +51,21 @@ def test_torch_ref_makes_more_passes_and_per_channel_ops_than_torch_nn_per_step(
         counts["torch_ref"]["x_sized"][0] > 2
         and counts["torch_ref"]["per_channel"][0] > counts["torch.nn"]["per_channel"][0]
     )
+
+
+def test_replayed_ops_take_their_kinds_from_the_op_by_op_step() -> None:
+    """torch_ref's replayed step is classified by the same ATen ops issued op by op (TorchScript's records list
+    stale extra input shapes): the kinds, and so the counts, must equal the op-by-op step's own; a reference
+    issuing other ops is refused."""
+    shape = (8, 16, 4, 8)  # NCHW whose last dim (8) is below spec.arrays' tiling width: no views made for it
+    replayed = profile_torch_bn.layer_step(profile_torch_bn.batch_norm_class(torch_ref, shape), shape)
+    op_by_op = profile_torch_bn.op_by_op(replayed)
+    numel = 8 * 16 * 4 * 8
+    borrowed = profile_torch_bn.split_step(replayed, numel, steps=2, reference=op_by_op)
+    own = profile_torch_bn.split_step(op_by_op, numel, steps=2)
+    assert [borrowed[k][0] for k in ("x_sized", "per_channel")] == [own[k][0] for k in ("x_sized", "per_channel")]
+    # forward 8 passes (3 sums, x - shift twice, the square, the affine map's 2), backward 8 (2 sums, x - mean
+    # twice, the product, dx's 3)
+    assert borrowed["x_sized"][0] == 16
+    with pytest.raises(RuntimeError, match="other ATen ops"):
+        profile_torch_bn.split_step(replayed, numel, steps=2, reference=lambda: X * 2.0)
