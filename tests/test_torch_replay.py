@@ -64,77 +64,26 @@ def _batches(shape, dtype, offset: float, layout=None) -> list[torch.Tensor]:
     return [b.contiguous(memory_format=layout) for b in batches] if layout is not None else batches
 
 
+# (module, shape, options, input dtype, offset, memory format, layout id, detail id)
+MODULE_ROWS = [
+    (torch_ref.BatchNorm1d, (64, 120), {}, torch.float32, 0.0, None, "nc", "lenet-fc"),
+    (torch_ref.BatchNorm1d, (5, 3, 7), {}, torch.float64, 0.0, None, "ncl", None),
+    (torch_ref.BatchNorm2d, (64, 6, 24, 24), {}, torch.float32, 0.5, None, "nchw", "lenet-conv"),
+    (torch_ref.BatchNorm2d, (8, 4, 5, 5), {"eps": 1e-5}, torch.float32, 1e4, None, "nchw", "offset1e4"),
+    (torch_ref.BatchNorm2d, (8, 4, 5, 5), {"affine": False}, torch.float64, 0.0, None, "nchw", "no-affine"),
+    (torch_ref.BatchNorm2d, (8, 4, 5, 5), {"momentum": None}, torch.float16, 3.0, None, "nchw", "momentumNone"),
+    (torch_ref.BatchNorm2d, (8, 4, 5, 5), {}, torch.float32, 0.0, torch.channels_last, "nchw", "channels-last-memory"),
+    (torch_ref.BatchNorm3d, (2, 3, 2, 3, 4), {"convention": "keras"}, torch.float32, 0.0, None, "ncdhw", None),
+]
 MODULE_CASES = [
     case(
-        torch_ref.BatchNorm1d, (64, 120), {}, torch.float32, 0.0, None, layout="nc", dtype="float32", detail="lenet-fc"
-    ),
-    case(torch_ref.BatchNorm1d, (5, 3, 7), {}, torch.float64, 0.0, None, layout="ncl", dtype="float64"),
-    case(
-        torch_ref.BatchNorm2d,
-        (64, 6, 24, 24),
-        {},
-        torch.float32,
-        0.5,
-        None,
-        layout="nchw",
-        dtype="float32",
-        detail="lenet-conv",
-    ),
-    case(
-        torch_ref.BatchNorm2d,
-        (8, 4, 5, 5),
-        {"eps": 1e-5},
-        torch.float32,
-        1e4,
-        None,
-        layout="nchw",
-        dtype="float32",
-        detail="offset1e4",
-    ),
-    case(
-        torch_ref.BatchNorm2d,
-        (8, 4, 5, 5),
-        {"affine": False},
-        torch.float64,
-        0.0,
-        None,
-        layout="nchw",
-        dtype="float64",
-        detail="no-affine",
-    ),
-    case(
-        torch_ref.BatchNorm2d,
-        (8, 4, 5, 5),
-        {"momentum": None},
-        torch.float16,
-        3.0,
-        None,
-        layout="nchw",
-        dtype="float16",
-        detail="momentumNone",
-    ),
-    case(
-        torch_ref.BatchNorm2d,
-        (8, 4, 5, 5),
-        {},
-        torch.float32,
-        0.0,
-        torch.channels_last,
-        layout="nchw",
-        dtype="float32",
-        detail="channels-last-memory",
-    ),
-    case(
-        torch_ref.BatchNorm3d,
-        (2, 3, 2, 3, 4),
-        {"convention": "keras", "momentum": 0.01},
-        torch.float32,
-        0.0,
-        None,
-        layout="ncdhw",
-        dtype="float32",
-        convention="keras",
-    ),
+        *row[:6],
+        layout=row[6],
+        dtype=str(row[3]).removeprefix("torch."),
+        convention=row[2].get("convention"),
+        detail=row[7],
+    )
+    for row in MODULE_ROWS
 ]
 
 
