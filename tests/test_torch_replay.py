@@ -9,6 +9,8 @@ kernels on the same operands in the same order, so any difference is a recording
 from __future__ import annotations
 
 import contextlib
+import threading
+import warnings
 
 import pytest
 import torch
@@ -214,3 +216,30 @@ def test_no_replay_while_tracing_or_fusing(monkeypatch) -> None:
         assert not _replay.allowed(x)
     finally:
         torch._C._jit_override_can_fuse_on_cpu(fusing)
+
+
+def test_threads_recording_at_once_leak_no_tracer_warnings() -> None:
+    """Recording silences jit.trace's warnings with process-wide filters; threads recording new configurations at
+    the same time must not let one another's TracerWarnings through (one recording at a time)."""
+    torch_bn._REPLAYS.clear()
+    failures = []
+
+    def train(channels: int) -> None:
+        try:
+            bn = torch_ref.BatchNorm1d(channels)
+            for _ in range(20):
+                x = torch.randn(16, channels, requires_grad=True)
+                torch.autograd.grad(bn(x).sum(), [x])
+        except Exception as error:  # noqa: BLE001 - reported below
+            failures.append(error)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=train, args=(channels,)) for channels in range(3, 11)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    assert [w for w in seen if issubclass(w.category, torch.jit.TracerWarning)] == []
+    assert len(torch_bn._REPLAYS) == 16  # 8 configurations, forward and backward each

@@ -17,6 +17,7 @@ nothing recording autograd or tracing, and TorchScript's CPU fuser off (a fused 
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +61,7 @@ class Recorder:
     def __init__(self, limit: int = 256) -> None:
         self.limit = limit
         self._replays: dict[tuple, Any] = {}
+        self._recording = threading.Lock()
 
     def __call__(self, key: tuple, function: Callable[..., Any], tensors: list[torch.Tensor]):
         """The replay of ``function(*tensors)`` for ``key`` (a ``torch.jit.ScriptFunction``), or None where
@@ -69,17 +71,22 @@ class Recorder:
             return self._replays[key]
         except KeyError:
             pass
-        try:
-            with warnings.catch_warnings():
-                # torch 2.13 deprecates jit.trace; its TracerWarnings flag Python reading sizes, which the key fixes
-                warnings.simplefilter("ignore")
-                replay = torch.jit.trace(function, tuple(tensors), check_trace=False)
-        except Exception:  # noqa: BLE001 - DataDependentBranch, or what this torch's tracer lacks: spec's eager path
-            replay = None
-        if len(self._replays) >= self.limit:
-            self._replays.pop(next(iter(self._replays)))
-        self._replays[key] = replay
-        return replay
+        # one recording at a time: warnings.catch_warnings swaps process-wide filters, so two threads recording at
+        # once would let each other's TracerWarnings through (a recording happens once per configuration)
+        with self._recording:
+            if key in self._replays:
+                return self._replays[key]
+            try:
+                with warnings.catch_warnings():
+                    # torch 2.13 deprecates jit.trace; its TracerWarnings flag Python reading sizes, which the key fixes
+                    warnings.simplefilter("ignore")
+                    replay = torch.jit.trace(function, tuple(tensors), check_trace=False)
+            except Exception:  # noqa: BLE001 - DataDependentBranch, or what this torch's tracer lacks: eager path
+                replay = None
+            if len(self._replays) >= self.limit:
+                self._replays.pop(next(iter(self._replays)))
+            self._replays[key] = replay
+            return replay
 
     def __len__(self) -> int:
         return len(self._replays)
