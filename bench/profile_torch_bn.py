@@ -157,12 +157,8 @@ def op_by_op(step):
     Python, the same ops in the same order (tests/test_torch_replay.py)."""
 
     def run() -> None:
-        allowed = torch_ref._replay.allowed
-        torch_ref._replay.allowed = lambda x: False
-        try:
+        with torch_ref._replay.op_by_op():
             step()
-        finally:
-            torch_ref._replay.allowed = allowed
 
     return run
 

@@ -1,6 +1,6 @@
 """torch_ref's recorded replays (torch_ref._replay) against spec's eager path, bit for bit.
 
-The oracle is the same formulas executed op by op from Python (``_replay.allowed`` patched to refuse), an
+The oracle is the same formulas executed op by op from Python (inside ``_replay.op_by_op()``), an
 independent execution of what the replay recorded; spec's path itself is checked against torch.nn, the NumPy
 reference and the golden vectors elsewhere. Equality is exact (``torch.equal``): a replay runs the same ATen
 kernels on the same operands in the same order, so any difference is a recording bug, not rounding.
@@ -44,10 +44,9 @@ def _module_steps(make_bn, batches, context=contextlib.nullcontext, loss=lambda 
     return seen + [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
 
 
-def _eager(monkeypatch, run):
+def _eager(run):
     """``run()`` with spec's eager path (no replay)."""
-    with monkeypatch.context() as eager:
-        eager.setattr(_replay, "allowed", lambda x: False)
+    with _replay.op_by_op():
         return run()
 
 
@@ -90,7 +89,7 @@ MODULE_CASES = [
 
 
 @pytest.mark.parametrize("module, shape, options, dtype, offset, layout", MODULE_CASES)
-def test_module_replay_matches_eager_spec(module, shape, options, dtype, offset, layout, monkeypatch) -> None:
+def test_module_replay_matches_eager_spec(module, shape, options, dtype, offset, layout) -> None:
     """Training steps through the module: outputs, dx, dgamma, dbeta and buffers equal the eager path's bits."""
     batches = _batches(shape, dtype, offset, layout)
     param_dtype = torch.float32 if dtype == torch.float16 else dtype  # half input computes in float32 (torch.nn)
@@ -101,7 +100,7 @@ def test_module_replay_matches_eager_spec(module, shape, options, dtype, offset,
     torch_bn._REPLAYS.clear()
     replayed = run()
     assert len(torch_bn._REPLAYS) == 2  # the forward and the backward were recorded, and replayed after
-    _assert_bit_identical(replayed, _eager(monkeypatch, run))
+    _assert_bit_identical(replayed, _eager(run))
 
 
 CONTEXT_CASES = [
@@ -112,7 +111,7 @@ CONTEXT_CASES = [
 
 
 @pytest.mark.parametrize("context, loss", CONTEXT_CASES)
-def test_replay_in_other_contexts(context, loss, monkeypatch) -> None:
+def test_replay_in_other_contexts(context, loss) -> None:
     """Training-mode forward without autograd, and a backward whose cotangent is a broadcast view."""
     batches = _batches((8, 3, 4, 4), torch.float32, 1.0)
 
@@ -120,7 +119,7 @@ def test_replay_in_other_contexts(context, loss, monkeypatch) -> None:
         kwargs = {} if loss is None else {"loss": loss}
         return _module_steps(lambda: torch_ref.BatchNorm2d(3), batches, context, **kwargs)
 
-    _assert_bit_identical(run(), _eager(monkeypatch, run))
+    _assert_bit_identical(run(), _eager(run))
 
 
 CHANNELS_LAST_CASES = [
@@ -131,7 +130,7 @@ CHANNELS_LAST_CASES = [
 
 
 @pytest.mark.parametrize("shape, dtype", CHANNELS_LAST_CASES)
-def test_channels_last_replay_matches_eager_spec(shape, dtype, monkeypatch) -> None:
+def test_channels_last_replay_matches_eager_spec(shape, dtype) -> None:
     """``batch_norm_train(channel_dim=-1)``, Keras' torch backend's entry, with channel tiling where C < 16."""
     gen = torch.Generator().manual_seed(3)
     channels = shape[-1]
@@ -150,10 +149,10 @@ def test_channels_last_replay_matches_eager_spec(shape, dtype, monkeypatch) -> N
             seen += [y.detach(), mean, var, *torch.autograd.grad(y, [x, w, b], dy)]
         return seen
 
-    _assert_bit_identical(run(), _eager(monkeypatch, run))
+    _assert_bit_identical(run(), _eager(run))
 
 
-def test_configurations_get_their_own_replays(monkeypatch) -> None:
+def test_configurations_get_their_own_replays() -> None:
     """eps and the layout are part of the key: a module with another eps, or transposed input, is recorded anew
     and still matches the eager path (a replay keyed too loosely would reuse the first recording's constants)."""
     torch_bn._REPLAYS.clear()
@@ -169,7 +168,7 @@ def test_configurations_get_their_own_replays(monkeypatch) -> None:
 
     replayed = run()
     assert len(torch_bn._REPLAYS) == 6  # forwards: 2 eps x 2 layouts; backwards (no eps in them): 2 layouts
-    _assert_bit_identical(replayed, _eager(monkeypatch, run))
+    _assert_bit_identical(replayed, _eager(run))
 
 
 def test_data_dependent_branch_is_not_recorded() -> None:
@@ -196,9 +195,9 @@ def test_recorder_keeps_at_most_limit() -> None:
     assert len(recorder) == 2
 
 
-def test_no_replay_while_tracing_or_fusing(monkeypatch) -> None:
+def test_no_replay_while_tracing_or_fusing() -> None:
     """A user's ``torch.jit.trace`` must record spec's ops itself (not a call into our replay), and TorchScript's
-    CPU fuser may round a fused kernel differently: neither gets a replay."""
+    CPU fuser may round a fused kernel differently: neither gets a replay, nor does code inside ``op_by_op()``."""
     x = torch.ones(2)
     assert _replay.allowed(x)
     seen = []
@@ -216,6 +215,9 @@ def test_no_replay_while_tracing_or_fusing(monkeypatch) -> None:
         assert not _replay.allowed(x)
     finally:
         torch._C._jit_override_can_fuse_on_cpu(fusing)
+    with _replay.op_by_op():  # the switch the eager oracles above run under, and it ends with its block
+        assert not _replay.allowed(x)
+    assert _replay.allowed(x)
 
 
 def test_threads_recording_at_once_leak_no_tracer_warnings() -> None:

@@ -17,9 +17,10 @@ nothing recording autograd or tracing, and TorchScript's CPU fuser off (a fused 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -49,10 +50,27 @@ RECORDING = _RecordingNamespace(torch, plain_tensors=True)
 _cpu_fuser_on = getattr(torch._C, "_jit_can_fuse_on_cpu", lambda: True)
 
 
+#: set inside :func:`op_by_op`
+_op_by_op = False
+
+
 def allowed(x: torch.Tensor) -> bool:
     """Whether a replay may stand in for spec's plain eager path on ``x`` (the caller has checked the namespace is
     plain: no autograd recording, no ``torch.compile``, no ``torch.func`` transform)."""
-    return x.is_cpu and not torch.jit.is_tracing() and not _cpu_fuser_on()
+    return not _op_by_op and x.is_cpu and not torch.jit.is_tracing() and not _cpu_fuser_on()
+
+
+@contextlib.contextmanager
+def op_by_op() -> Iterator[None]:
+    """Inside, no replay: spec's formulas run one ATen op at a time from Python, the same ops in the same order. The
+    reference a replay must equal bit for bit (tests/test_torch_replay.py) and what profiling compares it with
+    (bench/profile_torch_bn.py)."""
+    global _op_by_op
+    previous, _op_by_op = _op_by_op, True
+    try:
+        yield
+    finally:
+        _op_by_op = previous
 
 
 class Recorder:
