@@ -163,7 +163,7 @@ def _training_forward(
 
         # everything the recorded Python reads: the constants, the tensors' layouts and dtypes (a parameter in
         # another dtype is cast: one more op) and which parameters exist
-        key = ("forward", eps, channel_dim, x.shape, x.stride(), x.dtype, _layout(weight), _layout(bias))
+        key = ("forward", eps, channel_dim, _layout(x), _layout(weight), _layout(bias))
         replay = _REPLAYS(key, recorded, tensors)
         if replay is not None:
             return replay(*tensors)
@@ -171,6 +171,7 @@ def _training_forward(
 
 
 def _layout(t: Tensor | None) -> tuple | None:
+    """What a recording reads of a tensor: shape, strides (views, contiguity) and dtype; None for no tensor."""
     return None if t is None else (t.shape, t.stride(), t.dtype)
 
 
@@ -263,12 +264,11 @@ class _BatchNormTrain(torch.autograd.Function):
         elif ctx.all_reduce_sum is None:  # local: the count is x's shape, a Python number (no tensor op)
             count = xp.values_per_channel(x, dims)
             if xp is _TORCH_PLAIN and _replay.allowed(x):
-                dims_, count_, channel_dim = dims, count, ctx.channel_dim
 
                 def recorded(dy: Tensor, x: Tensor, mean: Tensor, inv_sigma: Tensor, scale: Tensor):
-                    return _spec_backward(dy, x, mean, inv_sigma, scale, dims_, count_, None, _replay.RECORDING)
+                    return _spec_backward(dy, x, mean, inv_sigma, scale, dims, count, None, _replay.RECORDING)
 
-                key = ("backward", x.shape, x.stride(), x.dtype, dy.shape, dy.stride(), dy.dtype, channel_dim)
+                key = ("backward", ctx.channel_dim, _layout(x), _layout(dy))
                 replay = _REPLAYS(key, recorded, [dy, x, mean, inv_sigma, scale])
                 if replay is not None:
                     return _gradients(ctx, weight, *replay(dy, x, mean, inv_sigma, scale))
