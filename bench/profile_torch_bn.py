@@ -123,13 +123,12 @@ def split_step(step, numel: int, steps: int = 20, reference=None) -> dict:
     each op's kind. Why: ops run by TorchScript's interpreter (torch_ref's replays) are recorded with stale extra
     input shapes (torch 2.13: ``aten::mul`` of two (1, C) vectors listed with a third, x-sized, shape), so their
     own records would count per-channel ops as passes. Raises if the two op sequences differ."""
-    events = _top_level_aten(_profiled(step, steps, record_shapes=True))
-    kinds = [_kind(event, numel) for event in events]
+    events = labelled = _top_level_aten(_profiled(step, steps, record_shapes=True))
     if reference is not None:
-        expected = _top_level_aten(_profiled(reference, steps, record_shapes=True))
-        if [e.name for e in expected] != [e.name for e in events]:
+        labelled = _top_level_aten(_profiled(reference, steps, record_shapes=True))
+        if [e.name for e in labelled] != [e.name for e in events]:
             raise RuntimeError("the reference step issues other ATen ops than the step: no kinds to borrow")
-        kinds = [_kind(event, numel) for event in expected]
+    kinds = [_kind(event, numel) for event in labelled]
     split = {"x_sized": [0, 0.0], "per_channel": [0, 0.0]}
     for event, kind in zip(events, kinds, strict=True):
         split[kind][0] += 1
