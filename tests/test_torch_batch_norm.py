@@ -496,10 +496,10 @@ UPDATE_RULES = [
 def test_traced_update_records_torch_ops_with_the_eager_bits(
     convention: str, momentum: float | None, dtype: torch.dtype, monkeypatch
 ) -> None:
-    """Eager CPU training updates the running statistics with spec's NumPy reference on the buffers' host memory
-    (float64, like ATen's CPU kernel); a graph capture must record torch ops instead (``torch.jit.trace`` here,
-    NumPy refused while tracing). Oracle: the two paths are independent evaluations of the same float64
-    operations, so the traced module's buffers equal the eager module's bit for bit over several batches."""
+    """Eager CPU training updates the running statistics inside its recorded replay, after the forward (float64,
+    like ATen's CPU kernel); a user's graph capture must record the update itself (``torch.jit.trace`` here, with
+    NumPy refused while tracing), after the Function. Oracle: the eager module, whose steps run another
+    mechanism (a replay) on the same float64 operations: the buffers are equal bit for bit over several batches."""
     gen = torch.Generator().manual_seed(5)
     batches = [torch.randn(8, 3, 4, 4, generator=gen, dtype=dtype) * (i + 1) + i for i in range(4)]
     eager, traced = (torch_ref.BatchNorm2d(3, momentum=momentum, convention=convention, dtype=dtype) for _ in "ab")
@@ -514,6 +514,29 @@ def test_traced_update_records_torch_ops_with_the_eager_bits(
     assert int(traced.num_batches_tracked) == int(eager.num_batches_tracked) == len(batches)
     for name in ("running_mean", "running_var"):
         assert torch.equal(getattr(traced, name), getattr(eager, name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=["float32", "float64", "float16"])
+@pytest.mark.parametrize("convention, momentum", UPDATE_RULES, ids=[f"{c}-momentum{m}" for c, m in UPDATE_RULES])
+def test_host_and_torch_updates_have_the_same_bits(convention: str, momentum: float | None, dtype: torch.dtype) -> None:
+    """spec's update runs as NumPy on the buffers' host memory (direct calls, synchronized steps) or as torch ops
+    (eager steps, recorded with the forward; graph captures). Oracle: the two are independent implementations of
+    the same float64 operations, so over several batches the buffers stay equal bit for bit (float16 buffers:
+    rounded through float32 both ways, test_host_update_rounds_half_buffers_as_torch_does)."""
+    gen = torch.Generator().manual_seed(3)
+    statistics_dtype = torch.float32 if dtype == torch.float16 else dtype  # half input computes in float32
+    host, ops = (torch_ref.BatchNorm1d(4, momentum=momentum, convention=convention, dtype=dtype) for _ in "ab")
+    for step in range(5):
+        mean = (torch.randn(4, generator=gen, dtype=torch.float64) * (step + 1) + 3.0).to(statistics_dtype)
+        var = (torch.rand(4, generator=gen, dtype=torch.float64) * (step + 1)).to(statistics_dtype)
+        for bn, on_host in ((host, True), (ops, False)):
+            bn.num_batches_tracked.add_(1)  # counted first, as the module's forward does
+            buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+            update = torch_ref.batch_norm._Update(*buffers, 9, momentum, convention)
+            torch_ref.batch_norm._update_statistics(update, mean, var, host=on_host)
+    for name in ("running_mean", "running_var"):
+        assert torch.equal(getattr(host, name), getattr(ops, name)), name
+    assert not torch.equal(host.running_var, torch.ones(4, dtype=dtype))  # the buffers moved
 
 
 def _double_rounding_variance(count: int) -> float:

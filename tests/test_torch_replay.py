@@ -171,6 +171,46 @@ def test_configurations_get_their_own_replays() -> None:
     _assert_bit_identical(replayed, _eager(run))
 
 
+UPDATE_RULES = [(0.1, "torch"), (0.3, "torch"), (None, "torch"), (0.1, "keras"), (0.1, "caffe")]
+
+
+def test_update_rules_get_their_own_replays() -> None:
+    """The moving-statistics update is recorded with the forward, so its rule is part of the key: momenta and
+    conventions (a constant weight, the cumulative and Caffe counters read from num_batches_tracked) each get a
+    forward recording, and every one leaves the buffers the eager path (NumPy, after the Function) leaves."""
+    torch_bn._REPLAYS.clear()
+    batches = _batches((6, 4, 3, 3), torch.float32, 2.0)
+
+    def run():
+        seen = []
+        for momentum, convention in UPDATE_RULES:
+            make = lambda m=momentum, c=convention: torch_ref.BatchNorm2d(4, momentum=m, convention=c)  # noqa: E731
+            seen += _module_steps(make, batches)
+        return seen
+
+    replayed = run()
+    assert len(torch_bn._REPLAYS) == len(UPDATE_RULES) + 1  # one backward: the update is the forward's
+    _assert_bit_identical(replayed, _eager(run))
+
+
+def test_replayed_step_updates_without_numpy(monkeypatch) -> None:
+    """Once recorded, a local eager training step updates the buffers inside its replay: no NumPy on the path
+    (the host update is what the replay replaces), and the buffers still move."""
+    bn = torch_ref.BatchNorm1d(5)
+    batches = _batches((8, 5), torch.float32, 1.0)
+    bn(batches[0]).sum().backward()  # records
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("NumPy on a replayed training step")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", refuse)
+    monkeypatch.setattr(torch, "from_numpy", refuse)
+    before = bn.running_var.clone()
+    for batch in batches[1:]:
+        bn(batch).sum().backward()
+    assert not torch.equal(bn.running_var, before) and int(bn.num_batches_tracked) == len(batches)
+
+
 def test_data_dependent_branch_is_not_recorded() -> None:
     """spec's data-dependent conditional refuses the recording namespace: such a function keeps its eager path
     (None) instead of a replay that would run the branch recorded on the first batch for every batch."""

@@ -81,10 +81,14 @@ class Recorder:
         self._replays: dict[tuple, Any] = {}
         self._recording = threading.Lock()
 
-    def __call__(self, key: tuple, function: Callable[..., Any], tensors: list[torch.Tensor]):
+    def __call__(
+        self, key: tuple, function: Callable[..., Any], tensors: list[torch.Tensor] | Callable[[], list[torch.Tensor]]
+    ):
         """The replay of ``function(*tensors)`` for ``key`` (a ``torch.jit.ScriptFunction``), or None where
         ``function`` cannot be recorded (the caller then runs it eagerly). ``function`` must take the tensors
-        positionally and run spec's formulas on :data:`RECORDING`."""
+        positionally and run spec's formulas on :data:`RECORDING`. ``tensors`` may be a function that makes
+        them, called only to record: recording runs ``function``, so one that writes into its inputs must be
+        recorded on copies."""
         try:
             return self._replays[key]
         except KeyError:
@@ -98,7 +102,8 @@ class Recorder:
                 with warnings.catch_warnings():
                     # torch 2.13 deprecates jit.trace; its TracerWarnings flag Python reading sizes, which the key fixes
                     warnings.simplefilter("ignore")
-                    replay = torch.jit.trace(function, tuple(tensors), check_trace=False)
+                    examples = tensors() if callable(tensors) else tensors
+                    replay = torch.jit.trace(function, tuple(examples), check_trace=False)
             except Exception:  # noqa: BLE001 - DataDependentBranch, or what this torch's tracer lacks: eager path
                 replay = None
             if len(self._replays) >= self.limit:

@@ -28,9 +28,10 @@ The moving statistics follow ``spec.update_running_stats`` in the layer's ``conv
 "torch": weight ``momentum`` on the new value, Bessel-corrected (unbiased) variance,
 ``momentum=None`` as a cumulative average over ``num_batches_tracked``); ``momentum`` keeps
 PyTorch's meaning (the weight of the new batch) in every convention and is converted by
-``spec.convert_momentum``. The arithmetic is float64, like ATen's CPU kernel: on plain CPU tensors spec's NumPy
-functions on the buffers' memory (fewer dispatches, the same operations and bits), else torch ops, which a graph
-capture (``torch.compile``, ``torch.jit.trace``) records. An empty training
+``spec.convert_momentum``. The arithmetic is float64, like ATen's CPU kernel: in an eager local training step
+torch ops recorded and replayed with the forward (as ATen's kernel updates inside the forward), elsewhere on plain
+CPU tensors spec's NumPy functions on the buffers' memory (fewer dispatches), else torch ops, which a graph capture
+(``torch.compile``, ``torch.jit.trace``) records; the same operations and bits every way. An empty training
 batch returns an empty output, leaves the statistics and increments the counter, as ``torch.nn`` does.
 
 The modules subclass ``torch.nn.modules.batchnorm._BatchNorm``, so ``isinstance`` checks,
@@ -55,7 +56,7 @@ import contextlib
 import functools
 import math
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -146,11 +147,52 @@ def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 _REPLAYS = _replay.Recorder()
 
 
+class _Update(NamedTuple):
+    """A local training step's moving-statistics update: :func:`update_running_stats_`'s arguments but the batch's."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor | None
+    count: int
+    momentum: float | None
+    convention: str
+
+    def apply(self, mean: Tensor, var: Tensor) -> None:
+        """Update the buffers from the batch's ``mean`` and biased ``var`` (on the host where they allow it)."""
+        _update_statistics(self, mean, var, host=_host_arrays((self.running_mean, self.running_var, mean, var)))
+
+    def key(self) -> tuple:
+        """What a recording of the update reads: the rule, the count and the buffers' layouts."""
+        return (self.count, self.momentum, self.convention, *map(_layout, self.buffers().values()))
+
+    def buffers(self) -> dict[str, Tensor]:
+        """The buffers it writes or reads (``num_batches_tracked`` where there is one), by field name."""
+        return {name: getattr(self, name) for name in _BUFFER_NAMES if getattr(self, name) is not None}
+
+
+_BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def _training_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any, channel_dim: int
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    all_reduce_sum: Any,
+    channel_dim: int,
+    update: _Update | None = None,
 ) -> tuple[Tensor, ...]:
-    """:func:`_spec_training_forward`, replayed where its configuration has been recorded (torch_ref._replay)."""
-    xp = _namespace_for(x, weight, bias)
+    """:func:`_spec_training_forward`, then ``update`` (if given) from the batch's statistics; replayed, the update
+    included, where the configuration has been recorded (torch_ref._replay).
+
+    Why the update is recorded with the forward: run after it, spec's update is ~20 NumPy operations and their
+    Python, right after the forward's x-sized passes have emptied the caches, and LeNet's training loop (2 threads)
+    ran 2.6% slower that way (paired single steps, 0.974 (0.969..0.978), Intel Xeon). Recorded, they are ATen's
+    float64 ops in TorchScript's interpreter: :func:`update_running_stats_`'s torch form, whose bits equal its
+    NumPy form's (tests/test_torch_replay.py compares them).
+    """
+    buffers = {} if update is None else update.buffers()
+    xp = _namespace_for(x, weight, bias, *buffers.values())
     if all_reduce_sum is None and xp is _TORCH_PLAIN and _replay.allowed(x):
         has_weight, has_bias = weight is not None, bias is not None
         tensors = [t for t in (x, weight, bias) if t is not None]
@@ -159,15 +201,29 @@ def _training_forward(
             parameters = iter(tensors[1:])
             weight = next(parameters) if has_weight else None
             bias = next(parameters) if has_bias else None
-            return _spec_training_forward(tensors[0], weight, bias, eps, None, channel_dim, _replay.RECORDING)
+            outputs = _spec_training_forward(tensors[0], weight, bias, eps, None, channel_dim, _replay.RECORDING)
+            if update is not None:  # the buffers are the recording's last inputs
+                recorded = dict(zip(buffers, tensors[len(tensors) - len(buffers) :], strict=True))
+                _update_statistics(update._replace(**recorded), *_vectors(outputs), host=False)
+            return outputs
 
         # everything the recorded Python reads: the constants, the tensors' layouts and dtypes (a parameter in
-        # another dtype is cast: one more op) and which parameters exist
-        key = ("forward", eps, channel_dim, _layout(x), _layout(weight), _layout(bias))
-        replay = _REPLAYS(key, recorded, tensors)
+        # another dtype is cast: one more op), which parameters exist, and the update's rule and buffers
+        update_key = None if update is None else update.key()
+        key = ("forward", eps, channel_dim, _layout(x), _layout(weight), _layout(bias), update_key)
+        # recorded on copies of the buffers, which the update writes
+        replay = _REPLAYS(key, recorded, lambda: tensors + [b.clone() for b in buffers.values()])
         if replay is not None:
-            return replay(*tensors)
-    return _spec_training_forward(x, weight, bias, eps, all_reduce_sum, channel_dim, xp)
+            return replay(*tensors, *buffers.values())
+    outputs = _spec_training_forward(x, weight, bias, eps, all_reduce_sum, channel_dim, xp)
+    if update is not None:  # the recording's torch ops, one at a time (torch_ref._replay.op_by_op: the same ops)
+        _update_statistics(update, *_vectors(outputs), host=False)
+    return outputs
+
+
+def _vectors(outputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """The batch's mean and biased variance, shape [C], from the training forward's outputs (keepdims)."""
+    return outputs[1].view(-1), outputs[2].view(-1)
 
 
 def _layout(t: Tensor | None) -> tuple | None:
@@ -213,8 +269,9 @@ def _spec_training_forward(
 class _BatchNormTrain(torch.autograd.Function):
     """Training-mode BN with spec's closed-form backward (``spec.backward_coefficient_form``), local or synchronized.
 
-    ``forward(x, weight, bias, eps, all_reduce_sum, channel_dim)`` returns ``(y, mean, var, inv_sigma, scale)``,
-    and the global ``count`` last when synchronized (statistics per channel, keepdims); only ``y`` is
+    ``forward(x, weight, bias, eps, all_reduce_sum, channel_dim, update)`` returns ``(y, mean, var, inv_sigma,
+    scale)``, and the global ``count`` last when synchronized (statistics per channel, keepdims), and applies
+    ``update`` (a local step's moving statistics, or None) to its buffers; only ``y`` is
     differentiable: the statistics' dependence on x is already inside the closed-form dx. The channels
     are at ``channel_dim`` (1 for torch's NC..., the last dim for Keras' channels_last), so no layout
     is copied. ``setup_context`` and ``generate_vmap_rule`` make it usable under ``torch.func`` (grad,
@@ -226,13 +283,19 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any, channel_dim: int
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        all_reduce_sum: Any,
+        channel_dim: int,
+        update: _Update | None,
     ):
-        return _training_forward(x, weight, bias, eps, all_reduce_sum, channel_dim)
+        return _training_forward(x, weight, bias, eps, all_reduce_sum, channel_dim, update)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, eps, all_reduce_sum, channel_dim = inputs
+        x, weight, bias, eps, all_reduce_sum, channel_dim, _update = inputs
         mean, inv_sigma, scale = output[1], output[3], output[4]
         count = output[5] if all_reduce_sum is not None else None
         ctx.eps, ctx.all_reduce_sum, ctx.channel_dim = eps, all_reduce_sum, channel_dim
@@ -247,7 +310,7 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor, *_statistics_grads: Tensor):
         if dy is None:  # y unused (grads are not materialized)
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         x, weight, mean, inv_sigma, scale, count = ctx.saved_tensors
         dims = _reduction_dims(x, ctx.channel_dim)
         xp = _namespace_for(dy, x, weight)
@@ -307,7 +370,7 @@ def _gradients(ctx, weight: Tensor | None, dx: Tensor, dgamma: Tensor, dbeta: Te
     """``_BatchNormTrain.backward``'s return: the gradients its inputs need, parameters' in their own dtypes."""
     dweight = _as(dgamma.view(-1), weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
     dbias = _as(dbeta.view(-1), ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-    return dx if ctx.needs_input_grad[0] else None, dweight, dbias, None, None, None
+    return dx if ctx.needs_input_grad[0] else None, dweight, dbias, None, None, None, None
 
 
 class _BatchNormTrainWithJvp(_BatchNormTrain):
@@ -360,17 +423,43 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 # calls these back in Python (the module runs, but torch.jit.save cannot export it).
 @torch.jit.ignore
 def _train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, all_reduce_sum: Any, channel_dim: int = 1
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    all_reduce_sum: Any,
+    channel_dim: int = 1,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+    momentum: float | None = None,
+    convention: str = "torch",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``(y, mean, var, count)``: y in x's dtype, per-channel statistics in the compute dtype (shape [C]),
-    count a 0-d tensor when synchronized and None when local (x's shape says it)."""
+    count a 0-d tensor when synchronized and None when local (x's shape says it).
+
+    Given the running buffers (local steps only), it also updates them (:func:`update_running_stats_`; an
+    empty batch leaves them): in an eager step inside the Function, with torch ops its replay records."""
     xc = _as(x, _compute_dtype(x))
+    update = None
+    if running_mean is not None and running_var is not None:
+        assert all_reduce_sum is None, "a synchronized step's count is known after it; its caller updates"
+        count = x.numel() // x.shape[channel_dim] if x.shape[channel_dim] else 0
+        if count > 1:  # an empty batch leaves the statistics (torch.nn: ATen returns before updating)
+            update = _Update(running_mean, running_var, num_batches_tracked, count, momentum, convention)
     if torch.compiler.is_compiling() or all_reduce_sum is not None:
-        outputs = _BatchNormTrain.apply(xc, weight, bias, eps, all_reduce_sum, channel_dim)
+        outputs = _BatchNormTrain.apply(xc, weight, bias, eps, all_reduce_sum, channel_dim, None)
+    elif torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
+        # after the Function: torch.func transforms it, and a user's tracer cannot record its buffer writes
+        outputs = _BatchNormTrainWithJvp.apply(xc, weight, bias, eps, None, channel_dim, None)
     else:
-        outputs = _BatchNormTrainWithJvp.apply(xc, weight, bias, eps, None, channel_dim)
+        outputs = _BatchNormTrainWithJvp.apply(xc, weight, bias, eps, None, channel_dim, update)
+        update = None  # applied inside
     count = None if all_reduce_sum is None else outputs[5].view(-1)[0]
-    return _as(outputs[0], x.dtype), outputs[1].view(-1), outputs[2].view(-1), count
+    mean, var = _vectors(outputs)
+    if update is not None:
+        update.apply(mean, var)
+    return _as(outputs[0], x.dtype), mean, var, count
 
 
 def batch_norm_train(
@@ -385,7 +474,7 @@ def batch_norm_train(
     """
     if not -x.dim() <= channel_dim < x.dim():
         raise ValueError(f"channel_dim {channel_dim} is out of range for {x.dim()}D input {list(x.shape)}")
-    y, mean, var, _ = _train(x, weight, bias, float(eps), None, channel_dim % x.dim())
+    y, mean, var, _ = _train(x, weight, bias, float(eps), None, channel_dim % x.dim(), None, None, None, None, "torch")
     return y, mean, var
 
 
@@ -421,24 +510,28 @@ def update_running_stats_(
     every convention (converted by ``spec.convert_momentum``). The caller has already incremented
     ``num_batches_tracked`` (as torch.nn does, even for an empty batch); ``count`` must be > 1.
     """
-    conv, converted, counter = _update_rule(momentum, convention)
+    _Update(running_mean, running_var, num_batches_tracked, count, momentum, convention).apply(batch_mean, batch_var)
+
+
+def _update_statistics(update: _Update, batch_mean: Tensor, batch_var: Tensor, host: bool) -> None:
+    """:func:`update_running_stats_`'s spec calls: NumPy on the buffers' host memory (``host``), else torch ops."""
+    running_mean, running_var, num_batches_tracked = update.running_mean, update.running_var, update.num_batches_tracked
+    conv, converted, counter = _update_rule(update.momentum, update.convention)
     statistics = (running_mean, running_var, batch_mean, batch_var)
     # On plain CPU tensors, spec's NumPy reference itself on the buffers' host memory: the same float64 operations
     # as torch's (IEEE, rounded to the buffers' dtype once by copy_), at ~0.5 us per operation on C values instead
-    # of ATen's ~2-3 us dispatch (the torch form was a third of a small BN layer's training step). Else torch ops,
-    # which a graph capture records.
-    host = _host_arrays(statistics)
+    # of ATen's ~2-3 us dispatch. Else torch ops, which a graph capture (or torch_ref._replay) records.
     xp = np if host else _TORCH
     # NumPy records nothing; torch ops on the buffers must not (the batch statistics are non-differentiable outputs)
     with contextlib.nullcontext() if host else torch.no_grad():
         old_mean, old_var, mean64, var64 = [_float64(t, host) for t in statistics]
         batches_before = None
         if counter:
-            assert num_batches_tracked is not None, f"convention {convention!r} needs num_batches_tracked"
+            assert num_batches_tracked is not None, f"convention {update.convention!r} needs num_batches_tracked"
             # the caller counted this batch; off the host a tensor, so a captured graph reads the counter each run
             batches_before = int(num_batches_tracked) - 1 if host else num_batches_tracked.to(torch.float64) - 1.0
         weight = spec.new_value_weight(conv, converted, batches_before, xp=xp)
-        var_in = spec.variance_for_update(conv, var64, float(count), xp=xp)
+        var_in = spec.variance_for_update(conv, var64, float(update.count), xp=xp)
         for buffer, old, new in ((running_mean, old_mean, mean64), (running_var, old_var, var_in)):
             average = spec.moving_average(old, new, weight)
             if host and buffer.dtype in _HOST_WRITE_DTYPES:  # rounded once to the buffer's dtype, as copy_ rounds
@@ -563,7 +656,15 @@ def batch_norm_module_forward(
         # torch.nn.functional._verify_batch_size's message; 0 values is legal (SPEC.md §9)
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
     _check_eps(eps, training)
-    y, mean, var, count_tensor = _train(x, weight, bias, eps, all_reduce_sum, 1)
+    if update and all_reduce_sum is None:  # local: _train updates the buffers too
+        assert running_mean is not None and running_var is not None
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)  # first, as torch.nn counts (an empty batch too)
+        return _train(
+            x, weight, bias, eps, None, 1, running_mean, running_var, num_batches_tracked, momentum, convention
+        )[0]
+    # (TorchScript, for scripted modules: every argument of an ignored function given)
+    y, mean, var, count_tensor = _train(x, weight, bias, eps, all_reduce_sum, 1, None, None, None, None, "torch")
     count = x.numel() // num_features
     if count_tensor is not None:  # synchronized: the values of every rank
         count = int(count_tensor.item())

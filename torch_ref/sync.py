@@ -57,7 +57,7 @@ def sync_batch_norm_train(
     NC... input; returns ``(y, mean, var, count)`` with the global biased ``var`` and global
     ``count`` (values per channel, a 0-d tensor); ``y`` is differentiable. Every rank must call it.
     """
-    return _train(x, weight, bias, float(eps), all_reduce_sum(group), 1)
+    return _train(x, weight, bias, float(eps), all_reduce_sum(group), 1, None, None, None, None, "torch")
 
 
 class SyncBatchNorm(_BatchNorm):
