@@ -274,10 +274,15 @@ def _functorch_wrapped(torch, operands) -> bool:
     TorchDynamo traces plain tensors and cannot call the check: under ``torch.compile`` it is False."""
     if torch.compiler.is_compiling():
         return False
+    return wrapped_tensors(torch, operands)
+
+
+def wrapped_tensors(torch, operands) -> bool:
+    """:func:`_functorch_wrapped`'s test itself, for callers that have ruled out ``torch.compile`` (None operands
+    are skipped): a ``torch.func`` wrapper, or a legacy batched tensor of gradcheck's batched-gradient check."""
     functorch = torch._C._functorch
-    # legacy batched tensors: gradcheck's batched-gradient check vmaps the backward with torch._vmap_internals
     for t in operands:  # a loop, not any(generator): this runs several times per BN step
-        if functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t):
+        if t is not None and (functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)):
             return True
     return False
 

@@ -57,7 +57,9 @@ _op_by_op = False
 def allowed(x: torch.Tensor) -> bool:
     """Whether a replay may stand in for spec's plain eager path on ``x`` (the caller has checked the namespace is
     plain: no autograd recording, no ``torch.compile``, no ``torch.func`` transform)."""
-    return not _op_by_op and x.is_cpu and not torch.jit.is_tracing() and not _cpu_fuser_on()
+    # torch._C._is_tracing(): torch.jit.is_tracing()'s own test outside TorchScript (we are in Python), without its
+    # two Python calls; this runs twice per training step
+    return not _op_by_op and x.is_cpu and not torch._C._is_tracing() and not _cpu_fuser_on()
 
 
 @contextlib.contextmanager

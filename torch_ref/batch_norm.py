@@ -97,7 +97,7 @@ def _namespace_for(*tensors: Tensor | None) -> spec.arrays.Namespace:
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _TORCH
     # the very test _may_overwrite makes per op (its compile case is settled above)
-    if spec.arrays._functorch_wrapped(torch, [t for t in tensors if t is not None]):
+    if spec.arrays.wrapped_tensors(torch, tensors):
         return _TORCH
     return _TORCH_PLAIN
 
@@ -312,29 +312,32 @@ class _BatchNormTrain(torch.autograd.Function):
         if dy is None:  # y unused (grads are not materialized)
             return None, None, None, None, None, None, None
         x, weight, mean, inv_sigma, scale, count = ctx.saved_tensors
-        dims = _reduction_dims(x, ctx.channel_dim)
+        channel_dim = ctx.channel_dim
         xp = _namespace_for(dy, x, weight)
         if torch.is_grad_enabled():  # create_graph=True: the statistics as differentiable functions of x
             if ctx.all_reduce_sum is not None:
                 raise RuntimeError("second derivatives through a synchronized BN (all_reduce_sum) are not supported")
-            stats = _statistics(x, channel_dim=ctx.channel_dim)
+            stats = _statistics(x, channel_dim=channel_dim)
             mean, count = stats.mean, stats.count
             _, _, inv_sigma = spec.inference_affine(
                 stats.mean, stats.var, eps=ctx.eps, xp=_TORCH, return_inv_sigma=True
             )
             # differentiable in weight too (the saved scale is a non-differentiable output)
-            scale = inv_sigma if weight is None else _keepdims(weight, x, ctx.channel_dim) * inv_sigma
-        elif ctx.all_reduce_sum is None:  # local: the count is x's shape, a Python number (no tensor op)
+            scale = inv_sigma if weight is None else _keepdims(weight, x, channel_dim) * inv_sigma
+        elif ctx.all_reduce_sum is None and xp is _TORCH_PLAIN and _replay.allowed(x):
+
+            def recorded(dy: Tensor, x: Tensor, mean: Tensor, inv_sigma: Tensor, scale: Tensor):
+                dims = _reduction_dims(x, channel_dim)
+                count = xp.values_per_channel(x, dims)
+                return _spec_backward(dy, x, mean, inv_sigma, scale, dims, count, None, _replay.RECORDING)
+
+            key = ("backward", channel_dim, _layout(x), _layout(dy))
+            replay = _REPLAYS(key, recorded, [dy, x, mean, inv_sigma, scale])
+            if replay is not None:
+                return _gradients(ctx, weight, *replay(dy, x, mean, inv_sigma, scale))
+        dims = _reduction_dims(x, channel_dim)
+        if count is None:  # local: the count is x's shape, a Python number (no tensor op)
             count = xp.values_per_channel(x, dims)
-            if xp is _TORCH_PLAIN and _replay.allowed(x):
-
-                def recorded(dy: Tensor, x: Tensor, mean: Tensor, inv_sigma: Tensor, scale: Tensor):
-                    return _spec_backward(dy, x, mean, inv_sigma, scale, dims, count, None, _replay.RECORDING)
-
-                key = ("backward", ctx.channel_dim, _layout(x), _layout(dy))
-                replay = _REPLAYS(key, recorded, [dy, x, mean, inv_sigma, scale])
-                if replay is not None:
-                    return _gradients(ctx, weight, *replay(dy, x, mean, inv_sigma, scale))
         dx, dgamma, dbeta = _spec_backward(dy, x, mean, inv_sigma, scale, dims, count, ctx.all_reduce_sum, xp)
         return _gradients(ctx, weight, dx, dgamma, dbeta)
 
@@ -350,8 +353,9 @@ def _spec_backward(
     all_reduce_sum: Any,
     xp: spec.arrays.Namespace,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dgamma, dbeta)`` by ``spec.backward_coefficient_form`` (dgamma, dbeta keepdims)."""
-    return spec.backward_coefficient_form(
+    """``(dx, dgamma, dbeta)`` by ``spec.backward_coefficient_form``, dgamma and dbeta of shape [C] (views: a
+    replay records them, so no ATen call from Python is left for them)."""
+    dx, dgamma, dbeta = spec.backward_coefficient_form(
         dy,
         xp.subtract(x, mean),
         inv_sigma,
@@ -364,12 +368,13 @@ def _spec_backward(
         x=x,
         mean=mean,
     )
+    return dx, dgamma.view(-1), dbeta.view(-1)
 
 
 def _gradients(ctx, weight: Tensor | None, dx: Tensor, dgamma: Tensor, dbeta: Tensor) -> tuple:
     """``_BatchNormTrain.backward``'s return: the gradients its inputs need, parameters' in their own dtypes."""
-    dweight = _as(dgamma.view(-1), weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-    dbias = _as(dbeta.view(-1), ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+    dweight = _as(dgamma, weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+    dbias = _as(dbeta, ctx.bias_dtype) if ctx.needs_input_grad[2] else None
     return dx if ctx.needs_input_grad[0] else None, dweight, dbias, None, None, None, None
 
 
