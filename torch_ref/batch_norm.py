@@ -161,16 +161,18 @@ class _Update(NamedTuple):
         """Update the buffers from the batch's ``mean`` and biased ``var`` (on the host where they allow it)."""
         _update_statistics(self, mean, var, host=_host_arrays((self.running_mean, self.running_var, mean, var)))
 
-    def key(self) -> tuple:
-        """What a recording of the update reads: the rule, the count and the buffers' layouts."""
-        return (self.count, self.momentum, self.convention, *map(_layout, self.buffers().values()))
+    def buffers(self) -> tuple[Tensor, ...]:
+        """The buffers it writes or reads: the running statistics, then ``num_batches_tracked`` where there is one."""
+        counter = self.num_batches_tracked
+        return (self.running_mean, self.running_var) + (() if counter is None else (counter,))
 
-    def buffers(self) -> dict[str, Tensor]:
-        """The buffers it writes or reads (``num_batches_tracked`` where there is one), by field name."""
-        return {name: getattr(self, name) for name in _BUFFER_NAMES if getattr(self, name) is not None}
+    def key(self, buffers: tuple[Tensor, ...]) -> tuple:
+        """What a recording of the update reads: the rule, the count and the layouts of its ``buffers()``."""
+        return (self.count, self.momentum, self.convention, *map(_layout, buffers))
 
-
-_BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+    def on(self, buffers: tuple[Tensor, ...]) -> "_Update":
+        """The same update of other buffers (a recording's inputs), given as :meth:`buffers` orders them."""
+        return self._replace(**dict(zip(("running_mean", "running_var", "num_batches_tracked"), buffers, strict=False)))
 
 
 def _training_forward(
@@ -191,8 +193,8 @@ def _training_forward(
     float64 ops in TorchScript's interpreter: :func:`update_running_stats_`'s torch form, whose bits equal its
     NumPy form's (tests/test_torch_replay.py compares them).
     """
-    buffers = {} if update is None else update.buffers()
-    xp = _namespace_for(x, weight, bias, *buffers.values())
+    buffers = () if update is None else update.buffers()
+    xp = _namespace_for(x, weight, bias, *buffers)
     if all_reduce_sum is None and xp is _TORCH_PLAIN and _replay.allowed(x):
         has_weight, has_bias = weight is not None, bias is not None
         tensors = [t for t in (x, weight, bias) if t is not None]
@@ -203,18 +205,17 @@ def _training_forward(
             bias = next(parameters) if has_bias else None
             outputs = _spec_training_forward(tensors[0], weight, bias, eps, None, channel_dim, _replay.RECORDING)
             if update is not None:  # the buffers are the recording's last inputs
-                recorded = dict(zip(buffers, tensors[len(tensors) - len(buffers) :], strict=True))
-                _update_statistics(update._replace(**recorded), *_vectors(outputs), host=False)
+                _update_statistics(update.on(tensors[len(tensors) - len(buffers) :]), *_vectors(outputs), host=False)
             return outputs
 
         # everything the recorded Python reads: the constants, the tensors' layouts and dtypes (a parameter in
         # another dtype is cast: one more op), which parameters exist, and the update's rule and buffers
-        update_key = None if update is None else update.key()
+        update_key = None if update is None else update.key(buffers)
         key = ("forward", eps, channel_dim, _layout(x), _layout(weight), _layout(bias), update_key)
         # recorded on copies of the buffers, which the update writes
-        replay = _REPLAYS(key, recorded, lambda: tensors + [b.clone() for b in buffers.values()])
+        replay = _REPLAYS(key, recorded, lambda: tensors + [b.clone() for b in buffers])
         if replay is not None:
-            return replay(*tensors, *buffers.values())
+            return replay(*tensors, *buffers)
     outputs = _spec_training_forward(x, weight, bias, eps, all_reduce_sum, channel_dim, xp)
     if update is not None:  # the recording's torch ops, one at a time (torch_ref._replay.op_by_op: the same ops)
         _update_statistics(update, *_vectors(outputs), host=False)
