@@ -48,6 +48,17 @@ C-sized and ignored. Each layer row's effective GB/s is 8B over its median time:
 bandwidth shows how far it is from the floor (above 100% is possible: the copy runs on one thread, the layers
 on ``--threads``, and a kernel may keep part of the batch in cache).
 
+Allocator. glibc's malloc hands the free top of its heap back to the OS (past ``M_TRIM_THRESHOLD``) and maps blocks
+above ``M_MMAP_THRESHOLD`` afresh; its dynamic rule raises that threshold, up to 32 MiB, as large blocks are
+freed. A step that then touches fresh pages pays a minor page fault per 4 KiB page, and whether it does depends on
+what else ran in the process and in what order, not on the variant: torch.nn's LeNet step paid 0 to 950 faults
+per step from one process to the next, which moved its time by up to 30% and the torch_ref / torch.nn ratio
+between 1.18 and 1.31. ``--allocator steady`` (the default) gives every child glibc's maximum threshold, 32 MiB,
+from the start and no trimming (:data:`ALLOCATORS`): LeNet's steps touch no fresh page in any variant (the state
+in which torch.nn is fastest), and the layer step's 51 MB buffers, above any threshold glibc allows, are mapped
+afresh in every variant alike. ``--allocator glibc`` keeps glibc's dynamic rule. The faults column shows what each
+variant paid either way.
+
 Threads are set deliberately and printed: TF intra-op ``--threads``, inter-op 1; torch ``set_num_threads``
 ``--threads``, inter-op 1; JAX (XLA:CPU) has no per-process setting and uses its own pool over all usable CPUs.
 
@@ -99,6 +110,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)}")
     parser.add_argument("--isa", choices=tuple(ISAS), default="native", help="cap the kernels' ISA (bench/_isa.py)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
+    parser.add_argument(
+        "--allocator", choices=tuple(ALLOCATORS), default="steady", help="glibc malloc settings of the children"
+    )
     parser.add_argument("--json", help="write the table and every timing to this file")
     parser.add_argument("--child", choices=tuple(BACKENDS), help=argparse.SUPPRESS)  # internal: one backend
     args = parser.parse_args(argv)
@@ -345,10 +359,10 @@ def child_main(args) -> int:
         name: interleaved_rounds(workloads[name], repeats[name], args.warmup, page_faults=faults[name])
         for name in args.workloads
     }
-    print(
-        _JSON_MARK + json.dumps({"backend": args.child, "seconds": seconds, "minor_faults": faults, **about}),
-        flush=True,
-    )
+    # what this process's malloc was given (glibc reads the variables at startup): the parent records it
+    allocator = {name: os.environ.get(name) for name in _ALLOCATOR_VARIABLES}
+    record = {"backend": args.child, "seconds": seconds, "minor_faults": faults, "allocator": allocator, **about}
+    print(_JSON_MARK + json.dumps(record), flush=True)
     return 0
 
 
@@ -371,15 +385,31 @@ def memory_bandwidth(mib: int, repeats: int = 5) -> dict:
     return {"bytes": 2 * source.nbytes, "median_s": median, "gb_per_s": 2 * source.nbytes / median / 1e9}
 
 
-def run_child(backend: str, argv: list[str], isa: str = "native") -> dict:
-    """One backend's timings from a fresh process with KERAS_BACKEND and the cap of ``isa`` set; stderr shows."""
-    env = isa_environment(isa) | {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+#: --allocator: glibc malloc variables for the children ("Allocator" above). 32 MiB is glibc's largest mmap threshold
+#: on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX), the one its dynamic rule ends at; setting a threshold turns that rule off.
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "steady": {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)},
+    "glibc": {},
+}
+_ALLOCATOR_VARIABLES = sorted({name for variables in ALLOCATORS.values() for name in variables})
+
+
+def run_child(backend: str, argv: list[str], isa: str = "native", allocator: str = "steady") -> dict:
+    """One backend's timings from a fresh process with KERAS_BACKEND, the cap of ``isa`` and the ``allocator``'s
+    variables set; stderr shows."""
+    env = isa_environment(isa) | ALLOCATORS[allocator] | {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", backend]
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith(_JSON_MARK)]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"bench_modes: the {backend} child failed (exit {done.returncode}); see its stderr above")
     return json.loads(lines[-1][len(_JSON_MARK) :])
+
+
+def describe_allocator(name: str) -> str:
+    """``--allocator``'s name and variables, for the printout and the README."""
+    variables = ALLOCATORS[name]
+    return name + (f" ({', '.join(f'{k}={v}' for k, v in variables.items())})" if variables else " (glibc's own rule)")
 
 
 def _row(
@@ -468,6 +498,11 @@ def assemble(children: list[dict], args, bandwidth: dict, load_average: list[flo
     return {
         "machine": machine,
         "isa": isa,
+        "allocator": {
+            "name": args.allocator,
+            "variables": ALLOCATORS[args.allocator],
+            "seen_by_children": {child["backend"]: child["allocator"] for child in children},
+        },
         "machine_as_run": describe_isa(isa, describe_machine(machine)),
         "command": "python bench/bench_modes.py " + " ".join(sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
@@ -564,13 +599,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child_main(args)
     print(f"machine: {describe_isa(isa_record(args.isa, machine_info()), describe_machine())}", flush=True)
+    print(f"allocator: {describe_allocator(args.allocator)}", flush=True)
     load_at_start = os.getloadavg()[0]
     bandwidth = memory_bandwidth(args.bandwidth_mib)
     child_argv = list(sys.argv[1:] if argv is None else argv)
     children = []
     for backend in args.backends:
         started = time.perf_counter()
-        children.append(run_child(backend, child_argv, args.isa))
+        children.append(run_child(backend, child_argv, args.isa, args.allocator))
         print(f"[{backend}] {time.perf_counter() - started:.0f} s", flush=True)
     result = assemble(children, args, bandwidth, [load_at_start])
     print()

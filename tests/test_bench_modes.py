@@ -30,6 +30,12 @@ def test_bench_modes_assembles_every_tensorflow_row_and_its_goals_from_a_capped_
     assert ("capped to AVX2 by ONEDNN_MAX_CPU_ISA=AVX2" in result["machine_as_run"]) == bool(above_avx2)
     assert result["machine_as_run"] in done.stdout
     assert result["settings"]["smoke"] is True and "SMOKE RUN" in done.stdout  # 2 rounds are not a result
+    # The default allocator: the child's malloc got glibc's largest mmap threshold and no trimming (bench_modes,
+    # "Allocator"); the parent records what the child saw, and prints it
+    steady = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+    assert result["allocator"]["name"] == "steady" and result["allocator"]["variables"] == steady
+    assert result["allocator"]["seen_by_children"] == {"tensorflow": steady}
+    assert "allocator: steady (MALLOC_MMAP_THRESHOLD_=33554432" in done.stdout
     modes = {(r["workload"], r["mode"], r["variant"]) for r in result["rows"]}
     workloads = ("layer", "lenet-bn", "lenet")
     expected = {(w, m, v) for w in workloads for m in ("tf.function", "tf xla") for v in ("keras", "ours")}

@@ -333,6 +333,13 @@ def render_recipe_seeds(reports: Mapping[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _allocator(bench: Mapping[str, Any]) -> str:
+    """bench_modes' ``--allocator`` as run (reports before it existed ran glibc's own rule)."""
+    allocator = bench.get("allocator", {"name": "glibc", "variables": {}})
+    variables = ", ".join(f"`{k}={v}`" for k, v in allocator["variables"].items())
+    return f"`{allocator['name']}`" + (f" ({variables})" if variables else " (glibc's own rule)")
+
+
 def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
     bench = reports["bench-modes"]
     settings, bandwidth, load = bench["settings"], bench["bandwidth"], bench["load_average"]
@@ -341,7 +348,8 @@ def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
     lines = [
         f"`{BENCH_OUTPUTS['bench-modes']}` (ran as `{_without_json(bench['command'].split())}`), "
         f"{bench['date_utc']} UTC, on {bench['machine_as_run']}; "
-        f"1-minute load average {load['start']:.1f} at start, {load['end']:.1f} at end. "
+        f"1-minute load average {load['start']:.1f} at start, {load['end']:.1f} at end; allocator "
+        f"{_allocator(bench)}. "
         "**These figures hold for this CPU under this load only; they are not general.**"
         + (" SMOKE RUN (fewer than 7 rounds): not a result." if settings["smoke"] else ""),
         "",
@@ -388,7 +396,8 @@ def render_performance(reports: Mapping[str, dict[str, Any]]) -> str:
         "",
         "Page faults: the process's minor page faults per LeNet step (median), memory the C allocator gave back to "
         "the OS and touched again; they move a variant's time with what else ran in the process, so a ratio between "
-        "variants with very different counts depends on the allocator's state as well as on the code.",
+        "variants with very different counts depends on the allocator's state as well as on the code. The `steady` "
+        'allocator (`bench/bench_modes.py`, "Allocator") keeps them at 0 for LeNet in every variant.',
         "",
         "Each ratio has a 95% distribution-free interval (order statistics of the per-round ratios; for a ratio of "
         "medians, of each median; `bench/_timing.py`). PASS: the whole interval meets the goal; MISS: none of it "
