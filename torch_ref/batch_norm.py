@@ -205,7 +205,9 @@ def _training_forward(
             bias = next(parameters) if has_bias else None
             outputs = _spec_training_forward(tensors[0], weight, bias, eps, None, channel_dim, _replay.RECORDING)
             if update is not None:  # the buffers are the recording's last inputs
-                _update_statistics(update.on(tensors[len(tensors) - len(buffers) :]), *_vectors(outputs), host=False)
+                _update_statistics(
+                    update.on(tensors[len(tensors) - len(buffers) :]), outputs[1], outputs[2], host=False
+                )
             return outputs
 
         # everything the recorded Python reads: the constants, the tensors' layouts and dtypes (a parameter in
@@ -218,13 +220,8 @@ def _training_forward(
             return replay(*tensors, *buffers)
     outputs = _spec_training_forward(x, weight, bias, eps, all_reduce_sum, channel_dim, xp)
     if update is not None:  # the recording's torch ops, one at a time (torch_ref._replay.op_by_op: the same ops)
-        _update_statistics(update, *_vectors(outputs), host=False)
+        _update_statistics(update, outputs[1], outputs[2], host=False)
     return outputs
-
-
-def _vectors(outputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-    """The batch's mean and biased variance, shape [C], from the training forward's outputs (keepdims)."""
-    return outputs[1].view(-1), outputs[2].view(-1)
 
 
 def _layout(t: Tensor | None) -> tuple | None:
@@ -388,15 +385,21 @@ class _BatchNormTrainWithJvp(_BatchNormTrain):
     """
 
     @classmethod
-    def apply(cls, *args):
-        # torch.autograd.Function.apply binds the arguments to forward's signature with inspect.signature on
-        # every call (torch 2.13 torch/autograd/function.py, bind_default_args), as long as a BN1d's whole
-        # forward; eager callers pass all six positionally, so outside torch.func transforms go straight to
-        # the C++ apply that Function.apply ends in (after the same unwrapping of dead torch.func wrappers).
-        if torch._C._are_functorch_transforms_active():
-            return super().apply(*args)
-        args = torch._functorch.utils.unwrap_dead_wrappers(args)
-        return super(torch.autograd.Function, cls).apply(*args)
+    def apply_eagerly(
+        cls, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, channel_dim: int, update: _Update | None
+    ) -> tuple[Tensor, ...]:
+        """``apply`` of a local step outside ``torch.func`` transforms (the caller has checked), straight into the
+        C++ apply that ``Function.apply`` ends in.
+
+        Why: ``Function.apply`` binds the arguments to forward's signature with ``inspect.signature`` on every call
+        (torch 2.13 torch/autograd/function.py, ``bind_default_args``), as long as a BN1d's whole forward, and its
+        unwrapping of dead ``torch.func`` wrappers (``torch._functorch.utils.unwrap_dead_wrappers``) is a generator
+        over every argument; here the same unwrapping of the three tensor arguments (the buffers in ``update`` are
+        the module's own, which no transform wraps).
+        """
+        unwrap = torch._C._functorch.unwrap_if_dead
+        x, weight, bias = unwrap(x), None if weight is None else unwrap(weight), None if bias is None else unwrap(bias)
+        return super(torch.autograd.Function, cls).apply(x, weight, bias, eps, None, channel_dim, update)
 
     @staticmethod
     def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, *_):
@@ -441,8 +444,9 @@ def _train(
     momentum: float | None = None,
     convention: str = "torch",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``(y, mean, var, count)``: y in x's dtype, per-channel statistics in the compute dtype (shape [C]),
-    count a 0-d tensor when synchronized and None when local (x's shape says it).
+    """``(y, mean, var, count)``: y in x's dtype, per-channel statistics in the compute dtype as the Function gives
+    them (keepdims: callers that hand them out flatten them), count a 0-d tensor when synchronized and None when
+    local (x's shape says it).
 
     Given the running buffers (local steps only), it also updates them (:func:`update_running_stats_`; an
     empty batch leaves them): in an eager step inside the Function, with torch ops its replay records."""
@@ -455,17 +459,16 @@ def _train(
             update = _Update(running_mean, running_var, num_batches_tracked, count, momentum, convention)
     if torch.compiler.is_compiling() or all_reduce_sum is not None:
         outputs = _BatchNormTrain.apply(xc, weight, bias, eps, all_reduce_sum, channel_dim, None)
-    elif torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
+    elif torch._C._are_functorch_transforms_active() or torch._C._is_tracing():
         # after the Function: torch.func transforms it, and a user's tracer cannot record its buffer writes
         outputs = _BatchNormTrainWithJvp.apply(xc, weight, bias, eps, None, channel_dim, None)
     else:
-        outputs = _BatchNormTrainWithJvp.apply(xc, weight, bias, eps, None, channel_dim, update)
+        outputs = _BatchNormTrainWithJvp.apply_eagerly(xc, weight, bias, eps, channel_dim, update)
         update = None  # applied inside
     count = None if all_reduce_sum is None else outputs[5].view(-1)[0]
-    mean, var = _vectors(outputs)
     if update is not None:
-        update.apply(mean, var)
-    return _as(outputs[0], x.dtype), mean, var, count
+        update.apply(outputs[1], outputs[2])
+    return _as(outputs[0], x.dtype), outputs[1], outputs[2], count
 
 
 def batch_norm_train(
@@ -481,7 +484,7 @@ def batch_norm_train(
     if not -x.dim() <= channel_dim < x.dim():
         raise ValueError(f"channel_dim {channel_dim} is out of range for {x.dim()}D input {list(x.shape)}")
     y, mean, var, _ = _train(x, weight, bias, float(eps), None, channel_dim % x.dim(), None, None, None, None, "torch")
-    return y, mean, var
+    return y, mean.view(-1), var.view(-1)
 
 
 @torch.jit.ignore
@@ -523,7 +526,8 @@ def _update_statistics(update: _Update, batch_mean: Tensor, batch_var: Tensor, h
     """:func:`update_running_stats_`'s spec calls: NumPy on the buffers' host memory (``host``), else torch ops."""
     running_mean, running_var, num_batches_tracked = update.running_mean, update.running_var, update.num_batches_tracked
     conv, converted, counter = _update_rule(update.momentum, update.convention)
-    statistics = (running_mean, running_var, batch_mean, batch_var)
+    # the batch's statistics as shape [C] like the buffers (the training forward gives them keepdims)
+    statistics = (running_mean, running_var, batch_mean.view(-1), batch_var.view(-1))
     # On plain CPU tensors, spec's NumPy reference itself on the buffers' host memory: the same float64 operations
     # as torch's (IEEE, rounded to the buffers' dtype once by copy_), at ~0.5 us per operation on C values instead
     # of ATen's ~2-3 us dispatch. Else torch ops, which a graph capture (or torch_ref._replay) records.

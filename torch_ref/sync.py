@@ -57,7 +57,8 @@ def sync_batch_norm_train(
     NC... input; returns ``(y, mean, var, count)`` with the global biased ``var`` and global
     ``count`` (values per channel, a 0-d tensor); ``y`` is differentiable. Every rank must call it.
     """
-    return _train(x, weight, bias, float(eps), all_reduce_sum(group), 1, None, None, None, None, "torch")
+    y, mean, var, count = _train(x, weight, bias, float(eps), all_reduce_sum(group), 1, None, None, None, None, "torch")
+    return y, mean.view(-1), var.view(-1), count
 
 
 class SyncBatchNorm(_BatchNorm):
