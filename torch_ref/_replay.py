@@ -7,6 +7,8 @@ configuration those Python decisions never change: they read only shapes, stride
 (eps, the channel dim), so the op sequence never changes either. :class:`Recorder` records it once with
 ``torch.jit.trace`` and replays it in TorchScript's C++ interpreter: the same ATen kernels on the same operands
 in the same order, so the same bits (tests/test_torch_replay.py), like a CUDA graph's capture and replay.
+torch_ref records a training step's forward with its moving-statistics update (which writes the buffers, so the
+recording runs on copies of them) and its backward.
 
 The key a caller gives must hold everything the recorded Python read. Data must not steer it: spec's one
 data-dependent branch, :meth:`spec.arrays.Namespace.cond` (``refine="when_needed"``), and its predicate
