@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-__all__ = ["tf_batch_norm_step", "tf_batch_norm_steps"]
+__all__ = ["tf_batch_norm_step", "tf_batch_norm_steps", "torch_training_step"]
 
 
 def tf_batch_norm_step(layer, x, dy, *, jit: bool) -> Callable[[], tuple]:
@@ -43,3 +43,22 @@ def tf_batch_norm_steps(layers: Sequence, xs: Sequence, dys: Sequence, *, jit: b
         return outputs
 
     return run
+
+
+def torch_training_step(model, images, labels) -> Callable[[], object]:
+    """One PyTorch training step of ``model`` on fixed ``images`` and ``labels``: cross-entropy, SGD with momentum
+    (lr 0.01, momentum 0.9), gradients reset to None first. Returns the detached loss, computed when it returns."""
+    import torch
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
+from _steps import torch_training_step  # bench/_steps.py
 from _timing import interleaved_rounds, paired_ratio, ratio_interval, spread  # bench/_timing.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,20 +107,10 @@ def training_step(batch_norm: ModuleType, args: argparse.Namespace) -> Callable[
     data = torch.Generator().manual_seed(0)
     if args.workload == "lenet":
         with _lenet_built_with(batch_norm):
-            model = lenet_bn("ours", seed=0).train()
+            model = lenet_bn("ours", seed=0)
         images = torch.randn(args.batch, 1, 28, 28, generator=data)
         labels = torch.randint(0, 10, (args.batch,), generator=data)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        loss_fn = torch.nn.CrossEntropyLoss()
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images), labels)
-            loss.backward()
-            optimizer.step()
-            return loss.detach()
-
-        return step
+        return torch_training_step(model, images, labels)  # bench_modes' PyTorch loop, one step
     classes = {
         2: batch_norm.BatchNorm1d,
         3: batch_norm.BatchNorm1d,

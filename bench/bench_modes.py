@@ -80,7 +80,7 @@ import time
 from pathlib import Path
 
 from _isa import ISAS, describe_isa, isa_environment, isa_record  # bench/_isa.py
-from _steps import tf_batch_norm_step, tf_batch_norm_steps  # bench/_steps.py
+from _steps import tf_batch_norm_step, tf_batch_norm_steps, torch_training_step  # bench/_steps.py
 from _timing import interleaved_rounds, paired_ratio, ratio_interval, spread, verdict  # bench/_timing.py
 
 from export.machine import describe_machine, machine_info
@@ -332,18 +332,11 @@ def _torch_child(args) -> tuple[dict, dict]:
 
 
 def _torch_lenet_runner(model, images, labels, steps: int):
-    import torch
-
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    step = torch_training_step(model, images, labels)
 
     def run():
         for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images), labels)
-            loss.backward()
-            optimizer.step()
+            loss = step()
         return loss.item()
 
     return run
