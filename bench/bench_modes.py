@@ -55,9 +55,10 @@ what else ran in the process and in what order, not on the variant: torch.nn's L
 per step from one process to the next, which moved its time by up to 30% and the torch_ref / torch.nn ratio
 between 1.18 and 1.31. ``--allocator steady`` (the default) gives every child glibc's maximum threshold, 32 MiB,
 from the start and no trimming (:data:`ALLOCATORS`): LeNet's steps touch no fresh page in any variant (the state
-in which torch.nn is fastest), and the layer step's 51 MB buffers, above any threshold glibc allows, are mapped
-afresh in every variant alike. ``--allocator glibc`` keeps glibc's dynamic rule. The faults column shows what each
-variant paid either way.
+in which torch.nn is fastest). The layer step's 51 MB buffers lie above any threshold glibc allows: where malloc
+serves them (torch, JAX) they are mapped afresh every step, ours and the peer's alike, while TensorFlow's own
+allocator keeps them. ``--allocator glibc`` keeps glibc's dynamic rule. The faults column shows what each variant
+paid either way.
 
 Threads are set deliberately and printed: TF intra-op ``--threads``, inter-op 1; torch ``set_num_threads``
 ``--threads``, inter-op 1; JAX (XLA:CPU) has no per-process setting and uses its own pool over all usable CPUs.
