@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
-from _steps import torch_training_step  # bench/_steps.py
+from _steps import torch_batch_norm_class, torch_batch_norm_step, torch_training_step  # bench/_steps.py
 from _timing import interleaved_rounds, paired_ratio, ratio_interval, spread  # bench/_timing.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,8 @@ def _lenet_built_with(batch_norm: ModuleType) -> Iterator[None]:
 
 
 def training_step(batch_norm: ModuleType, args: argparse.Namespace) -> Callable[[], object]:
-    """One training step of ``batch_norm``'s layers: LeNet-BN with SGD on fixed data, or a BN layer alone."""
+    """One training step of ``batch_norm``'s layers on fixed data: LeNet-BN with SGD (bench_modes' PyTorch loop),
+    or a BN layer alone (profile_torch_bn's layer step); it returns the loss, or the layer's gradients."""
     import torch
 
     from torch_ref.model import lenet_bn
@@ -110,23 +111,8 @@ def training_step(batch_norm: ModuleType, args: argparse.Namespace) -> Callable[
             model = lenet_bn("ours", seed=0)
         images = torch.randn(args.batch, 1, 28, 28, generator=data)
         labels = torch.randint(0, 10, (args.batch,), generator=data)
-        return torch_training_step(model, images, labels)  # bench_modes' PyTorch loop, one step
-    classes = {
-        2: batch_norm.BatchNorm1d,
-        3: batch_norm.BatchNorm1d,
-        4: batch_norm.BatchNorm2d,
-        5: batch_norm.BatchNorm3d,
-    }
-    layer = classes[len(args.shape)](args.shape[1])
-    x = torch.randn(*args.shape, generator=data, requires_grad=True)
-    dy = torch.randn(*args.shape, generator=data)
-
-    def step():
-        y = layer(x)
-        (dx,) = torch.autograd.grad(y, x, dy)
-        return torch.cat([y.detach().reshape(-1), dx.reshape(-1), layer.running_var])
-
-    return step
+        return torch_training_step(model, images, labels)
+    return torch_batch_norm_step(torch_batch_norm_class(batch_norm, args.shape), args.shape)
 
 
 def compare(args: argparse.Namespace) -> dict:
@@ -140,7 +126,7 @@ def compare(args: argparse.Namespace) -> dict:
         with contextlib.suppress(RuntimeError):  # settable once per process, before any inter-op work (a caller's)
             torch.set_num_interop_threads(1)
     steps = {"rev": training_step(module_at(args.rev), args), "tree": training_step(torch_ref.batch_norm, args)}
-    same = all(torch.equal(steps["rev"](), steps["tree"]()) for _ in range(3))
+    same = all(_equal(steps["rev"](), steps["tree"]()) for _ in range(3))
     seconds = interleaved_rounds(steps, args.pairs, args.warmup)
     low, high, coverage = ratio_interval(seconds["tree"], seconds["rev"], paired=True)
     return {
@@ -150,6 +136,14 @@ def compare(args: argparse.Namespace) -> dict:
         "interval": (low, high),
         "coverage": coverage,
     }
+
+
+def _equal(a, b) -> bool:
+    """Whether two steps' results (a loss, or a tuple of gradients) are equal bit for bit."""
+    import torch
+
+    pairs = zip(a, b, strict=True) if isinstance(a, tuple) else [(a, b)]
+    return all(torch.equal(p, q) for p, q in pairs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+from _steps import torch_batch_norm_class, torch_batch_norm_step, torch_training_step  # bench/_steps.py
 from torch.profiler import ProfilerActivity, profile
 
 import torch_ref
@@ -42,33 +43,10 @@ LENET_BN_SHAPES = ((64, 6, 24, 24), (64, 16, 8, 8), (64, 120), (64, 84))
 
 def lenet_step(batch_norm: str, batch: int = 64):
     """One LeNet-BN training step with ``batch_norm`` ("ours" or "torch"), on fixed random images."""
-    model = lenet_bn(batch_norm, seed=0).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.random((batch, 1, 28, 28), dtype=np.float32))
     labels = torch.from_numpy(rng.integers(0, 10, batch))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(images), labels).backward()
-        optimizer.step()
-
-    return step
-
-
-def layer_step(module: type, shape: tuple[int, ...] = (64, 64, 56, 56)):
-    """One BN training step of ``module`` (a BatchNorm*d class for ``shape``) alone, Keras' defaults (eps 1e-3,
-    momentum 0.01)."""
-    bn = module(shape[1], eps=1e-3, momentum=0.01).train()
-    rng = np.random.default_rng(0)
-    x = torch.from_numpy((0.5 + rng.standard_normal(shape)).astype(np.float32)).requires_grad_(True)
-    dy = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
-
-    def step() -> None:
-        torch.autograd.grad(bn(x), [x, bn.weight, bn.bias], grad_outputs=dy)
-
-    return step
+    return torch_training_step(lenet_bn(batch_norm, seed=0), images, labels)
 
 
 def _profiled(step, steps: int, **options) -> profile:
@@ -173,11 +151,11 @@ def print_breakdown(threads: int) -> None:
     totals = {}
     for shape in LENET_BN_SHAPES:
         numel = math.prod(shape)
-        replayed = layer_step(batch_norm_class(torch_ref, shape), shape)
+        replayed = torch_batch_norm_step(torch_batch_norm_class(torch_ref, shape), shape)
         for name, step, reference in (
-            ("torch.nn", layer_step(batch_norm_class(torch.nn, shape), shape), None),
+            ("torch.nn", torch_batch_norm_step(torch_batch_norm_class(torch.nn, shape), shape), None),
             ("torch_ref", replayed, op_by_op(replayed)),
-            ("op by op", op_by_op(layer_step(batch_norm_class(torch_ref, shape), shape)), None),
+            ("op by op", op_by_op(torch_batch_norm_step(torch_batch_norm_class(torch_ref, shape), shape)), None),
         ):
             wall = median_step_us(step)
             split = split_step(step, numel, reference=reference)
@@ -195,11 +173,6 @@ def print_breakdown(threads: int) -> None:
         f"  four layers: torch.nn {totals['torch.nn']:.0f} us, torch_ref {totals['torch_ref']:.0f} us ({ratio:.2f}x); "
         f"torch_ref op by op (its replays off) {totals['op by op']:.0f} us"
     )
-
-
-def batch_norm_class(package, shape: tuple[int, ...]) -> type:
-    """``package``'s (torch.nn or torch_ref) BatchNorm1d or BatchNorm2d for an (N, C) or (N, C, H, W) input."""
-    return getattr(package, {2: "BatchNorm1d", 4: "BatchNorm2d"}[len(shape)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             variants = {"torch.nn": lenet_step("torch"), "torch_ref": lenet_step("ours")}
             steps, numel = args.steps, 64 * 6 * 24 * 24  # conv1's BN input, the largest LeNet activation
         else:
-            variants = {"torch.nn": layer_step(torch.nn.BatchNorm2d), "torch_ref": layer_step(torch_ref.BatchNorm2d)}
+            variants = {
+                "torch.nn": torch_batch_norm_step(torch.nn.BatchNorm2d),
+                "torch_ref": torch_batch_norm_step(torch_ref.BatchNorm2d),
+            }
             steps, numel = 2, 64 * 64 * 56 * 56
         print(f"\n{workload}: per step, mean of {steps} profiled steps")
         for name, step in variants.items():

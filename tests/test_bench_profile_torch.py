@@ -43,7 +43,9 @@ def test_torch_ref_makes_more_passes_and_per_channel_ops_than_torch_nn_per_step(
     counts = {}
     for package in (torch.nn, torch_ref):
         split = profile_torch_bn.split_step(
-            profile_torch_bn.layer_step(profile_torch_bn.batch_norm_class(package, shape), shape), 48, 2
+            profile_torch_bn.torch_batch_norm_step(profile_torch_bn.torch_batch_norm_class(package, shape), shape),
+            48,
+            2,
         )
         counts[package.__name__] = split
     assert counts["torch.nn"]["x_sized"][0] == 2
@@ -58,7 +60,7 @@ def test_replayed_ops_take_their_kinds_from_the_op_by_op_step() -> None:
     stale extra input shapes): the kinds, and so the counts, must equal the op-by-op step's own; a reference
     issuing other ops is refused."""
     shape = (8, 16, 4, 8)  # NCHW whose last dim (8) is below spec.arrays' tiling width: no views made for it
-    replayed = profile_torch_bn.layer_step(profile_torch_bn.batch_norm_class(torch_ref, shape), shape)
+    replayed = profile_torch_bn.torch_batch_norm_step(profile_torch_bn.torch_batch_norm_class(torch_ref, shape), shape)
     op_by_op = profile_torch_bn.op_by_op(replayed)
     numel = 8 * 16 * 4 * 8
     borrowed = profile_torch_bn.split_step(replayed, numel, steps=2, reference=op_by_op)
