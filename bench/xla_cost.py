@@ -97,10 +97,20 @@ def _computations(hlo: str) -> dict[str, list[str]]:
 
 
 def passes(hlo: str, big_shape: str) -> dict:
-    """Top-level kernels and x-sized reads/writes of the entry computation, and of conditional branches."""
-    computations = _computations(hlo)
+    """Top-level kernels and x-sized reads/writes of the entry computation, and of conditional branches.
 
-    def count(lines: list[str]) -> tuple[int, int, int, list[str]]:
+    Every instruction that launches work is a kernel (a fusion, a bare ``reduce-window`` or ``multiply`` alike), and
+    an operand or result is x-sized when it holds as many bytes as ``big_shape``, whatever its shape: a layer may
+    view the batch as (rows, C), and XLA keeps that shape. ``windows``: the window of each top-level
+    ``reduce-window`` over an x-sized operand (the first level of XLA:CPU's tree for a sum it does not hand to
+    YNNPACK), e.g. ``32x32x32x1`` for a sum over a 4-D batch's leading axes and ``32x1`` over (rows, C): equal passes,
+    several times apart in time (README, "Benchmarks").
+    """
+    computations = _computations(hlo)
+    big_bytes = _shape_bytes(big_shape)
+    windows = []
+
+    def count(lines: list[str], top: bool = False) -> tuple[int, int, int, list[str]]:
         shapes, fusions, reads, writes, branches = {}, 0, 0, 0, []
         for line in lines:
             match = _INSTRUCTION.match(line)
@@ -112,16 +122,20 @@ def passes(hlo: str, big_shape: str) -> dict:
                 branches += re.findall(r"(?:true_computation|false_computation)=%([\w.\-]+)", line)
                 branches += re.findall(r"%([\w.\-]+)", line.split("branch_computations={", 1)[-1].split("}")[0])
                 continue
-            if op not in ("fusion", "custom-call", "dot", "reduce", "convolution"):
+            if op in _FREE_HLO:
                 continue
             fusions += 1
             args = re.sub(r"/\*.*?\*/", "", match["args"])
             operands = {a.strip().lstrip("%") for a in args.split(",")}
-            reads += sum(shapes.get(a) == big_shape for a in operands)
-            writes += match["shape"] == big_shape
+            x_sized = sum(_shape_bytes(shapes.get(a, "")) == big_bytes for a in operands)
+            reads += x_sized
+            writes += sum(_shape_bytes(array) == big_bytes for array in _arrays(match["shape"]))  # a tuple's each
+            window = _window(op, line, computations)
+            if top and x_sized and window:
+                windows.append(window)
         return fusions, reads, writes, branches
 
-    fusions, reads, writes, branches = count(computations.get("ENTRY", []))
+    fusions, reads, writes, branches = count(computations.get("ENTRY", []), top=True)
     branch_reads = branch_writes = 0
     for branch in set(b for b in branches if "computation" not in b or b in computations):
         _, r, w, _ = count(computations.get(branch, []))
@@ -133,7 +147,21 @@ def passes(hlo: str, big_shape: str) -> dict:
         "conditionals": len(branches) // 2,
         "branch_reads": branch_reads,
         "branch_writes": branch_writes,
+        "windows": sorted(windows),
     }
+
+
+def _window(op: str, line: str, computations: dict[str, list[str]]) -> str | None:
+    """The window size of a ``reduce-window`` kernel, bare or the root of the fusion it calls (``32x32x32x1``)."""
+    if op == "fusion":
+        op, line = _root(computations.get(_called(line) or "", [])) or ("", "")
+    found = re.search(r"window=\{size=([\dx]+)", line) if op == "reduce-window" else None
+    return found.group(1) if found else None
+
+
+def _arrays(shape: str) -> list[str]:
+    """The arrays of an HLO shape: itself, or each element of a tuple (a multi-output fusion's results)."""
+    return re.findall(r"\w+\[[\d,]*\]", shape)
 
 
 def _shape_bytes(shape: str) -> int:
@@ -166,10 +194,11 @@ def program(hlo: str) -> dict:
     its predicate and result, the kernels inside its branches are ``branch_kernels`` / ``branch_bytes`` (run only
     when taken). ``conditionals``, ``while_loops``, ``custom_calls``, ``host_transfers`` and the reductions count
     top-level instructions: ``ynn_reductions`` are handed to YNNPACK, ``loop_reductions`` are sums XLA:CPU runs in
-    its own loops as a ``reduce-window`` tree (a kernel of its own, then a small final ``reduce``).
+    its own loops as a ``reduce-window`` tree (a kernel per level, then a small final ``reduce``; counted once).
     """
     computations = _computations(hlo)
     found = Counter()
+    tree_levels = set()  # the entry's reduce-window sums, by name
 
     def root_of(name: str | None) -> tuple[str, str]:
         found_root = _root(computations.get(name, [])) if name else None
@@ -212,7 +241,10 @@ def program(hlo: str) -> dict:
             elif root_op == "reduce" and "__ynn_fusion" in line:
                 found["ynn_reductions"] += 1
             elif root_op == "reduce-window" and root_of(_called(root_line, "to_apply"))[0] == "add":
-                found["loop_reductions"] += 1  # a sum; max pooling is a reduce-window too (of max)
+                # a sum (max pooling is a reduce-window too, of max); a window over another window's partial sums is
+                # a further level of the same sum's tree, not another sum
+                tree_levels.add(match["name"])
+                found["loop_reductions"] += not tree_levels.intersection(operands)
 
     walk("ENTRY")
     keys = ("kernels", "bytes", "conditionals", "branch_kernels", "branch_bytes", "while_loops", "custom_calls")
@@ -424,6 +456,11 @@ def _print_lenet_dispatch(variant: str, c: dict) -> None:
     print(f"  tf xla {variant:7s} per train_on_batch: {c['xla_programs']:g} XLA program(s); host-side TF ops: {ops}")
 
 
+def _windows_column(windows: list[str]) -> str:
+    """``32x32x32x1 (2)`` for two reduce-windows with that window; ``-`` for none."""
+    return ", ".join(f"{w} ({n})" for w, n in sorted(Counter(windows).items())) or "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.child:
@@ -451,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{'mode':11s} {'variant':8s} {'kernels':>7s} {'reads':>6s} {'writes':>6s} {'passes':>6s}"
-            f" {'in branches r/w':>15s} {'XLA bytes MB':>12s} {'GFLOP':>6s}"
+            f" {'in branches r/w':>15s} {'XLA bytes MB':>12s} {'GFLOP':>6s}  x-sized reduce-window"
         )
     child_argv = [a for a in (sys.argv[1:] if argv is None else argv)]
     dispatch = []
@@ -474,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             branch = f"{c['branch_reads']}/{c['branch_writes']}" if c["conditionals"] else "-"
             print(
                 f"{name:11s} {variant:8s} {c['fusions']:7d} {c['reads']:6d} {c['writes']:6d} "
-                f"{c['reads'] + c['writes']:6d} {branch:>15s} {mb} {gflop}"
+                f"{c['reads'] + c['writes']:6d} {branch:>15s} {mb} {gflop}  {_windows_column(c.get('windows', []))}"
             )
     if args.workload == "lenet":
         print(

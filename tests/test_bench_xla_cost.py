@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from xla_cost import program  # noqa: E402  (bench/ is not a package)
+from xla_cost import passes, program  # noqa: E402  (bench/ is not a package)
 
 # Shaped as XLA:CPU prints an optimized module (TF 2.21): layouts, metadata, a YNNPACK fusion's backend_config,
 # a multi-output fusion with a tuple shape and an /*index=N*/ comment, a conditional with its branches.
@@ -117,3 +117,94 @@ def test_xla_cost_refuses_bad_arguments_naming_the_flag(argv):
     )
     assert done.returncode == 2
     assert argv[-2] in done.stderr and "Traceback" not in done.stderr
+
+
+# For ``passes``: bare kernels (no fusion), an x-sized operand of another shape, a multi-output fusion's two results.
+_PASSES_MODULE = """HloModule passes_by_hand, entry_computation_layout={(f32[64,8]{1,0}, f32[512]{0})->f32[8]{0}}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%tree_sum (p.1: f32[64,8], z.1: f32[]) -> f32[2,8] {
+  %p.1 = f32[64,8]{1,0} parameter(0)
+  %z.1 = f32[] parameter(1)
+  ROOT %window.1 = f32[2,8]{1,0} reduce-window(%p.1, %z.1), window={size=32x1 stride=32x1}, to_apply=%add
+}
+
+%square_and_copy (p.3: f32[64,8]) -> (f32[64,8], f32[64,8]) {
+  %p.3 = f32[64,8]{1,0} parameter(0)
+  %square.3 = f32[64,8]{1,0} multiply(%p.3, %p.3)
+  ROOT %pair.3 = (f32[64,8]{1,0}, f32[64,8]{1,0}) tuple(%square.3, %p.3)
+}
+
+ENTRY %main.2 (x: f32[64,8], d: f32[512]) -> f32[8] {
+  %x = f32[64,8]{1,0} parameter(0)
+  %d = f32[512]{0} parameter(1)
+  %zero = f32[] constant(0)
+  %product = f32[512]{0} multiply(%d, %d)
+  %windowed = f32[16]{0} reduce-window(%product, %zero), window={size=32 stride=32}, to_apply=%add
+  %partial = f32[2,8]{1,0} fusion(%x, %zero), kind=kLoop, calls=%tree_sum
+  %both = (f32[64,8]{1,0}, /*index=1*/f32[64,8]{1,0}) fusion(%x), kind=kLoop, calls=%square_and_copy
+  ROOT %copy = f32[16]{0} copy(%windowed)
+}
+"""
+
+
+def test_passes_counts_bare_kernels_reshaped_batches_and_tuple_results_of_a_hand_written_module():
+    """Hand-derived, x = f32[64,8] (2048 B): ``d`` (f32[512]) is x-sized too. Kernels: product (reads d once though
+    it is named twice, writes 1), windowed (reads the product; window 32), partial (reads x; window 32x1), both (reads
+    x, writes 2 arrays), copy (nothing x-sized): 5 kernels, 4 reads, 3 writes; no conditional."""
+    found = passes(_PASSES_MODULE, "f32[64,8]")
+    assert found == {
+        "fusions": 5,
+        "reads": 4,
+        "writes": 3,
+        "conditionals": 0,
+        "branch_reads": 0,
+        "branch_writes": 0,
+        "windows": ["32", "32x1"],
+    }
+
+
+def test_program_counts_a_tree_of_two_levels_as_one_sum():
+    """A sum over 2048 rows: XLA:CPU's first level windows 32 rows (64 partial sums), its second 32 more (2), a final
+    reduce ends it: one sum, three kernels."""
+    module = """HloModule two_levels, entry_computation_layout={(f32[2048,8]{1,0})->f32[8]{0}}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%level_1 (p.1: f32[2048,8], z.1: f32[]) -> f32[64,8] {
+  %p.1 = f32[2048,8]{1,0} parameter(0)
+  %z.1 = f32[] parameter(1)
+  ROOT %window.1 = f32[64,8]{1,0} reduce-window(%p.1, %z.1), window={size=32x1 stride=32x1}, to_apply=%add
+}
+
+%level_2 (p.2: f32[64,8], z.2: f32[]) -> f32[2,8] {
+  %p.2 = f32[64,8]{1,0} parameter(0)
+  %z.2 = f32[] parameter(1)
+  ROOT %window.2 = f32[2,8]{1,0} reduce-window(%p.2, %z.2), window={size=32x1 stride=32x1}, to_apply=%add
+}
+
+%last (p.3: f32[2,8], z.3: f32[]) -> f32[8] {
+  %p.3 = f32[2,8]{1,0} parameter(0)
+  %z.3 = f32[] parameter(1)
+  ROOT %reduce.3 = f32[8]{0} reduce(%p.3, %z.3), dimensions={0}, to_apply=%add
+}
+
+ENTRY %main.3 (x: f32[2048,8]) -> f32[8] {
+  %x = f32[2048,8]{1,0} parameter(0)
+  %zero = f32[] constant(0)
+  %first = f32[64,8]{1,0} fusion(%x, %zero), kind=kLoop, calls=%level_1
+  %second = f32[2,8]{1,0} fusion(%first, %zero), kind=kLoop, calls=%level_2
+  ROOT %total = f32[8]{0} fusion(%second, %zero), kind=kLoop, calls=%last
+}
+"""
+    found = program(module)
+    assert (found["kernels"], found["loop_reductions"], found["ynn_reductions"]) == (3, 1, 0), found
