@@ -414,13 +414,28 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if _torch_backend is not None and weights is None and not self.renorm and not self.synchronized:
             return _torch_backend.train(x, *self._affine(x.dtype), self.epsilon, self._channel_axis)
         reduce = self._all_reduce_sum()
-        stats = _ops.moments(x, self._reduction_axes, weights, reduce, conditional=_refine_conditionally(x))
+        rows, row_weights, axes = self._as_rows(x, weights)
+        stats = _ops.moments(rows, axes, row_weights, reduce, conditional=_refine_conditionally(x))
         mean, var = _ops.per_channel(stats.mean), _ops.per_channel(stats.var)
         gamma, beta = self._affine(x.dtype)
         if self.renorm:
             gamma, beta = self._renorm_affine(mean, var, gamma, beta, x.dtype)
-        y = _ops.normalize_batch(x, stats, gamma, beta, self.epsilon, self._reduction_axes, weights, reduce)
-        return y, (_ops.per_channel(stats.count), mean, var)
+        y = _ops.normalize_batch(rows, stats, gamma, beta, self.epsilon, axes, row_weights, reduce)
+        return (y if rows is x else ops.reshape(y, ops.shape(x))), (_ops.per_channel(stats.count), mean, var)
+
+    def _as_rows(self, x, weights):
+        """``(x, weights, axes)`` for the statistics: with the channel axis last, x as (rows, C) reduced over axis 0.
+
+        The same values in the same order (a reshape, no copy), so the same statistics up to summation order. XLA:CPU
+        (TF ``jit_compile``, JAX) sums a 4-D batch's three leading axes as a padded 32x32x32 ``reduce-window`` tree
+        and the same values as (rows, C) in 32-row windows, several times faster (``bench/xla_cost.py``'s
+        ``reduce-window`` column; README, "Benchmarks"). Other layouts keep their shape.
+        """
+        ndim = len(x.shape)
+        if ndim <= 2 or self._channel_axis != ndim - 1:
+            return x, weights, self._reduction_axes
+        shape = (-1, x.shape[-1])
+        return ops.reshape(x, shape), None if weights is None else ops.reshape(weights, shape), (0,)
 
     def _train_fused(self, inputs, fmt: str):
         gamma, beta = self._affine("float32")
@@ -429,9 +444,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _batch_statistics(self, x, weights):
         """``(count, mean, var)`` of the batch for an update while normalizing with the moving statistics."""
-        stats = _ops.moments(
-            x, self._reduction_axes, weights, self._all_reduce_sum(), conditional=_refine_conditionally(x)
-        )
+        rows, row_weights, axes = self._as_rows(x, weights)
+        stats = _ops.moments(rows, axes, row_weights, self._all_reduce_sum(), conditional=_refine_conditionally(x))
         return tuple(_ops.per_channel(t) for t in stats[:3])
 
     def _infer(self, inputs, x):
