@@ -424,15 +424,18 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return (y if rows is x else ops.reshape(y, ops.shape(x))), (_ops.per_channel(stats.count), mean, var)
 
     def _as_rows(self, x, weights):
-        """``(x, weights, axes)`` for the statistics: with the channel axis last, x as (rows, C) reduced over axis 0.
+        """``(x, weights, axes)`` for the statistics: on TensorFlow with the channel axis last, x as (rows, C) reduced
+        over axis 0.
 
-        The same values in the same order (a reshape, no copy), so the same statistics up to summation order. XLA:CPU
-        (TF ``jit_compile``, JAX) sums a 4-D batch's three leading axes as a padded 32x32x32 ``reduce-window`` tree
-        and the same values as (rows, C) in 32-row windows, several times faster (``bench/xla_cost.py``'s
-        ``reduce-window`` column; README, "Benchmarks"). Other layouts keep their shape.
+        The same values in the same order (a reshape, no copy), so the same statistics up to summation order.
+        TensorFlow's XLA:CPU (``jit_compile``) sums a 4-D batch's three leading axes as a padded 32x32x32
+        ``reduce-window`` tree and the same values as (rows, C) in 32-row windows: the layer step at 64x56x56x64 took
+        0.29x the time (``bench/xla_cost.py``'s ``reduce-window`` column; README, "Benchmarks"); TF graphs without XLA
+        take the same time either way. JAX's XLA sums the 4-D batch without such a tree, and the view cost it 3-11%
+        at LeNet-BN's shapes, so JAX and the other layouts keep their shape.
         """
         ndim = len(x.shape)
-        if ndim <= 2 or self._channel_axis != ndim - 1:
+        if ndim <= 2 or self._channel_axis != ndim - 1 or keras.backend.backend() != "tensorflow":
             return x, weights, self._reduction_axes
         shape = (-1, x.shape[-1])
         return ops.reshape(x, shape), None if weights is None else ops.reshape(weights, shape), (0,)
