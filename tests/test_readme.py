@@ -207,11 +207,20 @@ def test_fused_rule_table_follows_from_the_recorded_timings_and_the_current_rule
         ("bench-modes-avx2.json", "TF ours (tf.function) / torch.nn.BatchNorm2d", "2.06x `torch.nn`"),
         ("bench-modes-avx2-measure.json", "ours / Keras' layer, tf.function", "0.670 (0.634..0.751)"),
         ("bench-modes-avx2-measure.json", "TF ours (tf.function) / torch.nn.BatchNorm2d", "1.05 (0.999..1.339)"),
+        ("bench-modes-avx2-xla.json", "TF ours (tf xla) / torch.nn.BatchNorm2d", "0.722 (0.629..0.780)"),
+        ("bench-modes-avx2-xla.json", "ours / Keras' layer, tf xla", "0.341 (0.309..0.370)"),
     ],
-    ids=["avx2-rule-vs-keras", "avx2-rule-vs-aten", "avx2-measure-vs-keras", "avx2-measure-vs-aten"],
+    ids=[
+        "avx2-rule-vs-keras",
+        "avx2-rule-vs-aten",
+        "avx2-measure-vs-keras",
+        "avx2-measure-vs-aten",
+        "avx2-xla-vs-aten",
+        "avx2-xla-vs-keras",
+    ],
 )
 def test_avx2_figures_quoted_in_prose_are_the_committed_runs(report, claim, quoted):
-    """The fused-rule paragraph quotes two --isa avx2 runs by number: each figure must be its JSON's, rounded."""
+    """The fused-rule paragraph quotes three --isa avx2 runs by number: each figure must be its JSON's, rounded."""
     bench = json.loads((ROOT / "docs" / "results" / report).read_text())
     assert bench["isa"]["isa"] == "avx2"
     (goal,) = [g for g in bench["goals"] if g["claim"] == claim and g["workload"] == "layer"]
