@@ -119,21 +119,34 @@ def test_xla_cost_refuses_bad_arguments_naming_the_flag(argv):
     assert argv[-2] in done.stderr and "Traceback" not in done.stderr
 
 
-# For ``passes``: bare kernels (no fusion), an x-sized operand of another shape, a multi-output fusion's two results.
-_PASSES_MODULE = """HloModule passes_by_hand, entry_computation_layout={(f32[64,8]{1,0}, f32[512]{0})->f32[8]{0}}
-
-%add (a: f32[], b: f32[]) -> f32[] {
+# The sum reducer and one level of XLA:CPU's reduce-window tree over (rows, 8), shared by the modules below.
+_ADD = """%add (a: f32[], b: f32[]) -> f32[] {
   %a = f32[] parameter(0)
   %b = f32[] parameter(1)
   ROOT %sum = f32[] add(%a, %b)
 }
+"""
 
-%tree_sum (p.1: f32[64,8], z.1: f32[]) -> f32[2,8] {
-  %p.1 = f32[64,8]{1,0} parameter(0)
-  %z.1 = f32[] parameter(1)
-  ROOT %window.1 = f32[2,8]{1,0} reduce-window(%p.1, %z.1), window={size=32x1 stride=32x1}, to_apply=%add
-}
 
+def _tree_level(name: str, rows: int, window: int = 32) -> str:
+    """A computation summing a (rows, 8) float32 parameter in windows of ``window`` rows."""
+    out = rows // window
+    return f"""%{name} (p: f32[{rows},8], z: f32[]) -> f32[{out},8] {{
+  %p = f32[{rows},8]{{1,0}} parameter(0)
+  %z = f32[] parameter(1)
+  ROOT %w = f32[{out},8]{{1,0}} reduce-window(%p, %z), window={{size={window}x1 stride={window}x1}}, to_apply=%add
+}}
+"""
+
+
+# For ``passes``: bare kernels (no fusion), an x-sized operand of another shape, a multi-output fusion's two results.
+_PASSES_MODULE = (
+    """HloModule passes_by_hand, entry_computation_layout={(f32[64,8]{1,0}, f32[512]{0})->f32[8]{0}}
+
+"""
+    + _ADD
+    + _tree_level("tree_sum", 64)
+    + """
 %square_and_copy (p.3: f32[64,8]) -> (f32[64,8], f32[64,8]) {
   %p.3 = f32[64,8]{1,0} parameter(0)
   %square.3 = f32[64,8]{1,0} multiply(%p.3, %p.3)
@@ -151,6 +164,7 @@ ENTRY %main.2 (x: f32[64,8], d: f32[512]) -> f32[8] {
   ROOT %copy = f32[16]{0} copy(%windowed)
 }
 """
+)
 
 
 def test_passes_counts_bare_kernels_reshaped_batches_and_tuple_results_of_a_hand_written_module():
@@ -172,26 +186,14 @@ def test_passes_counts_bare_kernels_reshaped_batches_and_tuple_results_of_a_hand
 def test_program_counts_a_tree_of_two_levels_as_one_sum():
     """A sum over 2048 rows: XLA:CPU's first level windows 32 rows (64 partial sums), its second 32 more (2), a final
     reduce ends it: one sum, three kernels."""
-    module = """HloModule two_levels, entry_computation_layout={(f32[2048,8]{1,0})->f32[8]{0}}
+    module = (
+        """HloModule two_levels, entry_computation_layout={(f32[2048,8]{1,0})->f32[8]{0}}
 
-%add (a: f32[], b: f32[]) -> f32[] {
-  %a = f32[] parameter(0)
-  %b = f32[] parameter(1)
-  ROOT %sum = f32[] add(%a, %b)
-}
-
-%level_1 (p.1: f32[2048,8], z.1: f32[]) -> f32[64,8] {
-  %p.1 = f32[2048,8]{1,0} parameter(0)
-  %z.1 = f32[] parameter(1)
-  ROOT %window.1 = f32[64,8]{1,0} reduce-window(%p.1, %z.1), window={size=32x1 stride=32x1}, to_apply=%add
-}
-
-%level_2 (p.2: f32[64,8], z.2: f32[]) -> f32[2,8] {
-  %p.2 = f32[64,8]{1,0} parameter(0)
-  %z.2 = f32[] parameter(1)
-  ROOT %window.2 = f32[2,8]{1,0} reduce-window(%p.2, %z.2), window={size=32x1 stride=32x1}, to_apply=%add
-}
-
+"""
+        + _ADD
+        + _tree_level("level_1", 2048)
+        + _tree_level("level_2", 64)
+        + """
 %last (p.3: f32[2,8], z.3: f32[]) -> f32[8] {
   %p.3 = f32[2,8]{1,0} parameter(0)
   %z.3 = f32[] parameter(1)
@@ -206,5 +208,6 @@ ENTRY %main.3 (x: f32[2048,8]) -> f32[8] {
   ROOT %total = f32[8]{0} fusion(%second, %zero), kind=kLoop, calls=%last
 }
 """
+    )
     found = program(module)
     assert (found["kernels"], found["loop_reductions"], found["ynn_reductions"]) == (3, 1, 0), found
