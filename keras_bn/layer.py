@@ -437,7 +437,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         ndim = len(x.shape)
         if ndim <= 2 or self._channel_axis != ndim - 1 or keras.backend.backend() != "tensorflow":
             return x, weights, self._reduction_axes
-        shape = (-1, x.shape[-1])
+        shape = (-1, self._channels)  # the built channel count: a traced input may not know its own
         return ops.reshape(x, shape), None if weights is None else ops.reshape(weights, shape), (0,)
 
     def _train_fused(self, inputs, fmt: str):

@@ -174,8 +174,15 @@ class Namespace:
         """The number of values per channel, the product of x's sizes on ``axes`` (dynamic under a trace)."""
         if self.name == "keras.ops":  # a traced batch size is unknown until run time
             # lists, not generators, throughout: TorchDynamo cannot trace a generator inside an autograd.Function
-            channels = math.prod([d for a, d in enumerate(x.shape) if a not in axes])
-            return self.xp.cast(self.xp.size(x), x.dtype) / channels
+            kept = [d for a, d in enumerate(x.shape) if a not in axes]
+            if None not in kept:
+                return self.xp.cast(self.xp.size(x), x.dtype) / math.prod(kept)
+            # a trace that does not know the channel count either: the product of the reduced sizes at run time
+            sizes = self.xp.shape(x)
+            count = 1
+            for a in axes:
+                count = count * sizes[a]
+            return self.xp.cast(count, x.dtype)
         return float(math.prod([x.shape[a] for a in axes]))
 
     def abs(self, x):

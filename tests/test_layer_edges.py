@@ -191,6 +191,25 @@ def test_one_value_with_a_dynamic_batch_under_tf_function_keeps_statistics():
     np.testing.assert_allclose(layer.moving_variance.numpy(), 0.9 + 0.1 * 0.5, rtol=1e-6)  # float32 rounding
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["tf.function", "tf-xla"])
+@pytest.mark.parametrize(("axis", "shape"), [(-1, (6, 4, 5, C)), (1, (6, C, 4, 5))], ids=["NHWC", "NCHW"])
+def test_a_trace_that_knows_only_the_rank_trains_like_the_spec(rng, jit, axis, shape):
+    """``tf.function`` with an input signature of unknown sizes (channels included: the layer was built with them):
+    channels-last, the generic path's (rows, C) view takes the channel count from the layer; channels-first, the
+    count per channel is the product of the reduced sizes at run time. The statistics are the float64 spec's
+    (``spec.batch_norm_train``) within rerounded float32 tolerances, and y within 1e-3 (O(1) values)."""
+    layer = keras_bn.BatchNorm(axis=axis, momentum=0.0, fused=False)  # momentum 0: moving variance = batch variance
+    layer.build(tuple(None if a == 0 else d for a, d in enumerate(shape)))
+    signature = [tf.TensorSpec((None, None, None, None), tf.float32)]
+    call = tf.function(lambda x: layer(x, training=True), input_signature=signature, jit_compile=jit)
+    x = (0.5 + rng.standard_normal(shape)).astype(np.float32)
+    y = call(x).numpy()
+    y_ref, mean_ref, var_ref = spec.batch_norm_train(x, np.ones(C), np.zeros(C), axis=axis, eps=layer.epsilon)
+    close(layer.moving_mean.numpy(), mean_ref, tolerance("rerounded", "float32", "stats"))
+    close(layer.moving_variance.numpy(), var_ref, tolerance("rerounded", "float32", "stats"))
+    np.testing.assert_allclose(y, y_ref, atol=1e-3)
+
+
 BAD_ARGUMENTS = [
     # (id, kwargs, error type, text the message must contain); type errors are ValueErrors too, like the spec's
     ("axis-float", {"axis": 1.5}, ValueError, "axis"),
