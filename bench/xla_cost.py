@@ -108,10 +108,9 @@ def passes(hlo: str, big_shape: str) -> dict:
     """
     computations = _computations(hlo)
     big_bytes = _shape_bytes(big_shape)
-    windows = []
 
-    def count(lines: list[str], top: bool = False) -> tuple[int, int, int, list[str]]:
-        shapes, fusions, reads, writes, branches = {}, 0, 0, 0, []
+    def count(lines: list[str]) -> tuple[int, int, int, list[str], list[str]]:
+        shapes, fusions, reads, writes, branches, windows = {}, 0, 0, 0, [], []
         for line in lines:
             match = _INSTRUCTION.match(line)
             if not match:
@@ -131,14 +130,14 @@ def passes(hlo: str, big_shape: str) -> dict:
             reads += x_sized
             writes += sum(_shape_bytes(array) == big_bytes for array in _arrays(match["shape"]))  # a tuple's each
             window = _window(op, line, computations)
-            if top and x_sized and window:
+            if x_sized and window:
                 windows.append(window)
-        return fusions, reads, writes, branches
+        return fusions, reads, writes, branches, windows
 
-    fusions, reads, writes, branches = count(computations.get("ENTRY", []), top=True)
+    fusions, reads, writes, branches, windows = count(computations.get("ENTRY", []))
     branch_reads = branch_writes = 0
     for branch in set(b for b in branches if "computation" not in b or b in computations):
-        _, r, w, _ = count(computations.get(branch, []))
+        _, r, w, _, _ = count(computations.get(branch, []))
         branch_reads, branch_writes = branch_reads + r, branch_writes + w
     return {
         "fusions": fusions,

@@ -14,16 +14,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from xla_cost import passes, program  # noqa: E402  (bench/ is not a package)
 
-# Shaped as XLA:CPU prints an optimized module (TF 2.21): layouts, metadata, a YNNPACK fusion's backend_config,
-# a multi-output fusion with a tuple shape and an /*index=N*/ comment, a conditional with its branches.
-_MODULE = """HloModule hand_written, entry_computation_layout={(f32[64,8]{1,0})->f32[8]{0}}
-
-%add (a: f32[], b: f32[]) -> f32[] {
+# The sum reducer and one level of XLA:CPU's reduce-window tree over (rows, 8), shared by the modules below.
+_ADD = """%add (a: f32[], b: f32[]) -> f32[] {
   %a = f32[] parameter(0)
   %b = f32[] parameter(1)
   ROOT %sum = f32[] add(%a, %b)
 }
+"""
 
+
+def _tree_level(name: str, rows: int, window: int = 32) -> str:
+    """A computation summing a (rows, 8) float32 parameter in windows of ``window`` rows."""
+    out = rows // window
+    return f"""%{name} (p: f32[{rows},8], z: f32[]) -> f32[{out},8] {{
+  %p = f32[{rows},8]{{1,0}} parameter(0)
+  %z = f32[] parameter(1)
+  ROOT %w = f32[{out},8]{{1,0}} reduce-window(%p, %z), window={{size={window}x1 stride={window}x1}}, to_apply=%add
+}}
+"""
+
+
+# Shaped as XLA:CPU prints an optimized module (TF 2.21): layouts, metadata, a YNNPACK fusion's backend_config,
+# a multi-output fusion with a tuple shape and an /*index=N*/ comment, a conditional with its branches.
+_MODULE = (
+    """HloModule hand_written, entry_computation_layout={(f32[64,8]{1,0})->f32[8]{0}}
+
+"""
+    + _ADD
+    + _tree_level("tree_sum", 64)
+    + """
 %max (a.1: f32[], b.1: f32[]) -> f32[] {
   %a.1 = f32[] parameter(0)
   %b.1 = f32[] parameter(1)
@@ -34,12 +53,6 @@ _MODULE = """HloModule hand_written, entry_computation_layout={(f32[64,8]{1,0})-
   %p.0 = f32[64,8]{1,0} parameter(0)
   %z.0 = f32[] parameter(1)
   ROOT %reduce.0 = f32[8]{0} reduce(%p.0, %z.0), dimensions={0}, to_apply=%add
-}
-
-%tree_sum (p.1: f32[64,8], z.1: f32[]) -> f32[2,8] {
-  %p.1 = f32[64,8]{1,0} parameter(0)
-  %z.1 = f32[] parameter(1)
-  ROOT %window.1 = f32[2,8]{1,0} reduce-window(%p.1, %z.1), window={size=32x1 stride=32x1}, to_apply=%add
 }
 
 %pool (p.2: f32[64,8], z.2: f32[]) -> f32[32,8] {
@@ -82,6 +95,7 @@ ENTRY %main.9 (x: f32[64,8]) -> f32[8] {
   ROOT %copy = f32[8]{0} copy(%picked)
 }
 """
+)
 
 
 def test_program_counts_kernels_bytes_branches_and_reductions_of_a_hand_written_module():
@@ -117,26 +131,6 @@ def test_xla_cost_refuses_bad_arguments_naming_the_flag(argv):
     )
     assert done.returncode == 2
     assert argv[-2] in done.stderr and "Traceback" not in done.stderr
-
-
-# The sum reducer and one level of XLA:CPU's reduce-window tree over (rows, 8), shared by the modules below.
-_ADD = """%add (a: f32[], b: f32[]) -> f32[] {
-  %a = f32[] parameter(0)
-  %b = f32[] parameter(1)
-  ROOT %sum = f32[] add(%a, %b)
-}
-"""
-
-
-def _tree_level(name: str, rows: int, window: int = 32) -> str:
-    """A computation summing a (rows, 8) float32 parameter in windows of ``window`` rows."""
-    out = rows // window
-    return f"""%{name} (p: f32[{rows},8], z: f32[]) -> f32[{out},8] {{
-  %p = f32[{rows},8]{{1,0}} parameter(0)
-  %z = f32[] parameter(1)
-  ROOT %w = f32[{out},8]{{1,0}} reduce-window(%p, %z), window={{size={window}x1 stride={window}x1}}, to_apply=%add
-}}
-"""
 
 
 # For ``passes``: bare kernels (no fusion), an x-sized operand of another shape, a multi-output fusion's two results.
